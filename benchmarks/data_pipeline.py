@@ -1,0 +1,86 @@
+"""Data pipeline throughput at 640×480 with every augmentation on, against the bare cost of decoding the same files.
+
+    python benchmarks/data_pipeline.py [--samples 12] [--batches 12] [--batch-size 4]
+
+data_samples/ is 448×320, so the benchmark first renders `--samples` scenes at 640×480 with
+`stereo_kit.synthetic.random_scene` into a temporary folder in the standard layout (JPEG views, 8-bit RGB disparity
+PNG, left disparity only — so every horizontal flip derives the right disparity, the costly case). It then measures,
+in one run and on the same files:
+
+* bare decode: `read_image` ×2 + `read_disparity`, one process, samples/s;
+* the loader with augmentation off (read, crop to 640×480, tensors, collate, hand-over from the workers): what the
+  loading machinery alone costs;
+* the pipeline (`build_dataloader`, batches of 640×480, every augmentation switched on — at its default probability,
+  and again with every probability set to 1, the worst case) with 1 and 2 workers, as processes and as threads,
+  samples/s, and per worker as a ratio to the bare decode rate.
+
+Target: ratio ≥ 0.5 (the pipeline, per worker, at least half as fast as decoding alone).
+"""
+import argparse
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from stereo_kit.io import read_disparity, read_image, write_disparity, write_image
+from stereo_kit.synthetic import random_scene
+from stereo_kit.train.augment import AUGMENTATIONS
+from stereo_kit.train.datasets import find_standard_scenes
+from stereo_kit.train.dataloader import IMAGE_OPS, build_dataloader
+
+
+def render_dataset(root: Path, count: int) -> Path:
+    for i in range(count):
+        scene = random_scene("planes" if i % 2 else "objects", height=480, width=640, max_disparity=96, seed=100 + i)
+        write_image(root / f"left/rgb/{i:04d}.jpg", scene.left)
+        write_image(root / f"right/rgb/{i:04d}.jpg", scene.right)
+        write_disparity(root / f"left/disparity/{i:04d}.png", scene.disparity_left, "depth_uint8")
+    return root
+
+
+def bare_decode_rate(root: Path, seconds: float = 3.0) -> float:
+    samples, done, start = find_standard_scenes(root)[0].samples, 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        paths = samples[done % len(samples)]
+        read_image(paths.left), read_image(paths.right), read_disparity(paths.disparity)
+        done += 1
+    return done / (time.perf_counter() - start)
+
+
+def pipeline_rate(config: dict, batch_size: int, batches: int, workers: int) -> float:
+    stream = iter(build_dataloader(config, batch_size, seed=0, num_workers=workers))
+    for _ in range(2): next(stream)                          # start-up (worker processes) is not throughput
+    start = time.perf_counter()
+    for _ in range(batches): next(stream)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=12)
+    parser.add_argument("--batches", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=4)
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    with tempfile.TemporaryDirectory() as folder:
+        root = render_dataset(Path(folder) / "bench", args.samples)
+        every_op_always = {name: {"probability": 1.0} for name, op in AUGMENTATIONS.items() if op.kind != "always"}
+        config = {"datasets": [{"name": "bench", "path": str(root), "image_augmentation": list(IMAGE_OPS)}],
+                  "image_sizes": [[640, 480]], "max_disparity": 192, "stereo_augmentation": True, "index_cache": None}
+        print(f"{args.samples} rendered samples, 640×480, batch {args.batch_size}, all augmentations on")
+        bare_loader = {**config, "stereo_augmentation": False, "datasets": [{**config["datasets"][0], "image_augmentation": []}]}
+        groups = (("no augmentation (read, crop, collate)", {}, bare_loader), ("default probabilities", {}, config),
+                  ("every probability 1", every_op_always, config))
+        for label, augmentation, group_config in groups:
+            decode = bare_decode_rate(root)                  # measured again beside each group: the machine drifts
+            print(f"{'bare decode (1 process)':50s} {decode:7.1f} samples/s")
+            for worker_type in ("process", "thread"):
+                for workers in (1, 2):
+                    run = {**group_config, "worker_type": worker_type, "augmentation": augmentation}
+                    rate = pipeline_rate(run, args.batch_size, args.batches, workers)
+                    print(f"{f'{label}, {workers} {worker_type} worker(s)':50s} {rate:7.1f} samples/s   "
+                          f"per worker / bare decode = {rate / workers / decode:.2f}")
+
+
+if __name__ == "__main__":
+    main()
