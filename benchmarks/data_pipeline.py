@@ -12,7 +12,9 @@ in one run and on the same files:
   loading machinery alone costs;
 * the pipeline (`build_dataloader`, batches of 640×480, every augmentation switched on — at its default probability,
   and again with every probability set to 1, the worst case) with 1 and 2 workers, as processes and as threads,
-  samples/s, and per worker as a ratio to the bare decode rate.
+  samples/s, and per worker as a ratio to the bare decode rate;
+* the same with process workers and `batch_image_dtype: "uint8"` (what a GPU trainer would ask for: the training
+  process then skips the float32 conversion of the images, which the default batches include).
 
 Target: ratio ≥ 0.5 (the pipeline, per worker, at least half as fast as decoding alone).
 """
@@ -74,12 +76,13 @@ def main():
         for label, augmentation, group_config in groups:
             decode = bare_decode_rate(root)                  # measured again beside each group: the machine drifts
             print(f"{'bare decode (1 process)':50s} {decode:7.1f} samples/s")
-            for worker_type in ("process", "thread"):
+            for worker_type, image_dtype in (("process", "float32"), ("thread", "float32"), ("process", "uint8")):
                 for workers in (1, 2):
-                    run = {**group_config, "worker_type": worker_type, "augmentation": augmentation}
+                    run = {**group_config, "worker_type": worker_type, "augmentation": augmentation,
+                           "batch_image_dtype": image_dtype}
                     rate = pipeline_rate(run, args.batch_size, args.batches, workers)
-                    print(f"{f'{label}, {workers} {worker_type} worker(s)':50s} {rate:7.1f} samples/s   "
-                          f"per worker / bare decode = {rate / workers / decode:.2f}")
+                    name = f"{label}, {workers} {worker_type} worker(s)" + (", uint8" if image_dtype == "uint8" else "")
+                    print(f"{name:50s} {rate:7.1f} samples/s   per worker / bare decode = {rate / workers / decode:.2f}")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,16 @@ def test_zero_one_two_workers_give_identical_batches(data_samples, worker_type):
     assert not torch.equal(other_seed["left"], reference[0]["left"])
 
 
+def test_uint8_batches_from_process_workers_are_the_float_batches(data_samples):
+    config = config_for(data_samples)
+    as_float = take(build_dataloader(config, batch_size=3, seed=4, num_workers=0), 3)
+    as_uint8 = take(build_dataloader({**config, "batch_image_dtype": "uint8"}, batch_size=3, seed=4, num_workers=2), 3)
+    for a, b in zip(as_float, as_uint8, strict=True):
+        assert a["left"].dtype == torch.float32 and b["left"].dtype == torch.uint8 and b["left"].is_contiguous()
+        for key in ("left", "right"): assert torch.equal(a[key], b[key].float()), key
+        for key in ("disparity", "valid"): assert torch.equal(a[key], b[key]), key
+
+
 def test_resume_with_workers_continues_the_same_stream(data_samples):
     config = config_for(data_samples)
     uninterrupted = take(build_dataloader(config, batch_size=2, seed=3, num_workers=0), 5)
