@@ -3,7 +3,7 @@
     python benchmarks/data_pipeline.py [--samples 12] [--batches 12] [--batch-size 4] [--repeats 1]
 
 data_samples/ is 448×320, so the benchmark first renders `--samples` scenes at 640×480 with
-`stereo_kit.synthetic.random_scene` into a temporary folder in the standard layout (JPEG views, 8-bit RGB disparity
+`stereo_kit.data.synthetic.random_scene` into a temporary folder in the standard layout (JPEG views, 8-bit RGB disparity
 PNG, left disparity only — so every horizontal flip derives the right disparity, the costly case). It then measures,
 in one run and on the same files:
 
@@ -29,10 +29,10 @@ import warnings
 from pathlib import Path
 
 from stereo_kit.io import read_disparity, read_image, write_disparity, write_image
-from stereo_kit.synthetic import random_scene
-from stereo_kit.train.augment import AUGMENTATIONS
-from stereo_kit.train.datasets import find_standard_scenes
-from stereo_kit.train.dataloader import IMAGE_OPS, build_dataloader
+from stereo_kit.data.synthetic import random_scene
+from stereo_kit.data.augment import AUGMENTATIONS
+from stereo_kit.data.datasets import find_standard_scenes
+from stereo_kit.data.loader import IMAGE_OPS, build_dataloader
 
 
 def render_dataset(root: Path, count: int) -> Path:

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from stereo_kit.io import write_disparity, write_image
-from stereo_kit.synthetic import random_scene
+from stereo_kit.data.synthetic import random_scene
 
 SAMPLE_WIDTH, SAMPLE_HEIGHT = 448, 320
 # (scale, x0, y0): scale the full 741×500 pair, then crop SAMPLE_WIDTH×SAMPLE_HEIGHT at (x0, y0)

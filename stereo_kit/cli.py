@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .check_data import find_standard_scenes, format_summaries, summarize_config, summarize_scene
+from .data.check import find_standard_scenes, format_summaries, summarize_config, summarize_scene
 
 # %% auto #0
 __all__ = ['main', 'check_data']

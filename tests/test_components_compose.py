@@ -13,8 +13,8 @@ import torch
 
 from stereo_kit.metrics import MetricAccumulator, compute_metrics
 from stereo_kit.models import build_model, validate_model_config
-from stereo_kit.train.dataloader import build_dataloader, validate_data_config
-from stereo_kit.train.losses import build_loss, validate_loss_config
+from stereo_kit.data.loader import build_dataloader, validate_data_config
+from stereo_kit.losses import build_loss, validate_loss_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from stereo_kit.train.augment import as_sample, horizontal_flip, random_scale, stereo_agreement
-from stereo_kit.train.dataloader import DataQualityError, build_dataloader
+from stereo_kit.data.augment import as_sample, horizontal_flip, random_scale, stereo_agreement
+from stereo_kit.data.loader import DataQualityError, build_dataloader
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 TENSORS = ("left", "right", "disparity", "valid")
@@ -67,7 +67,7 @@ def test_resume_with_workers_continues_the_same_stream(data_samples):
 SHARD_SCRIPT = textwrap.dedent("""
     import json, sys
     from accelerate import Accelerator
-    from stereo_kit.train.dataloader import build_dataloader
+    from stereo_kit.data.loader import build_dataloader
     accelerator = Accelerator(cpu=True)
     config, out = json.loads(sys.argv[1]), sys.argv[2]
     loader = build_dataloader(config, batch_size=2, seed=5, num_workers=1, rank=accelerator.process_index,
@@ -126,7 +126,7 @@ def test_check_data_config_reports_every_problem(tmp_path, data_samples):
 
 
 def test_check_data_config_on_other_formats(tmp_path):
-    from stereo_kit.train.datasets import make_fake_dataset
+    from stereo_kit.testing import make_fake_dataset
     datasets = []
     for format in ("sceneflow", "kitti2015", "middlebury", "eth3d"):
         make_fake_dataset(format, tmp_path / format)

@@ -3,7 +3,7 @@ import cv2
 import numpy as np
 import pytest
 
-from stereo_kit.train.datasets import find_standard_scenes
+from stereo_kit.data.datasets import find_standard_scenes
 from stereo_kit.io import read_disparity, read_image
 
 SCENES = ["middlebury_motorcycle", "rendered_objects", "rendered_planes"]

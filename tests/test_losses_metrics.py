@@ -1,4 +1,4 @@
-"""Checks of stereo_kit.train.losses and stereo_kit.metrics that the notebooks cannot hold: the spec's loss block
+"""Checks of stereo_kit.losses and stereo_kit.metrics that the notebooks cannot hold: the spec's loss block
 as JSON text, sweeps over random batches against independent numpy formulas, and CUDA autocast (GPU only)."""
 import json
 
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from stereo_kit.metrics import MetricAccumulator, compute_metrics
-from stereo_kit.train.losses import LOSS_FUNCTIONS, build_loss, example_batch
+from stereo_kit.losses import LOSS_FUNCTIONS, build_loss
+from stereo_kit.testing import example_batch
 
 SPEC_LOSS_BLOCK = """
 {
