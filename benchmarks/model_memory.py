@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from stereo_kit.models.stereo import build_model
+from stereo_kit.models import build_model
 
 
 def tensors_in(value):

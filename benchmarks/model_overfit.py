@@ -14,7 +14,8 @@ import cv2
 import numpy as np
 import torch
 
-from stereo_kit.models.stereo import build_model
+from stereo_kit.losses import sequence_loss
+from stereo_kit.models import build_model
 
 
 def motorcycle_crop(scale: float = 0.5, top: int = 40, left: int = 60, height: int = 160, width: int = 256):
@@ -30,12 +31,6 @@ def motorcycle_crop(scale: float = 0.5, top: int = 40, left: int = 60, height: i
     valid = np.isfinite(disparity)
     return (to_tensor(resize(left_image)), to_tensor(resize(right_image)),
             torch.from_numpy(np.where(valid, disparity, 0))[None, None], torch.from_numpy(valid)[None, None])
-
-
-def sequence_loss(predictions, disparity, valid, gamma: float = 0.9):
-    "Exponentially weighted L1 over all predictions, later ones weigh more."
-    n = len(predictions)
-    return sum(gamma ** (n - 1 - i) * (prediction - disparity).abs()[valid].mean() for i, prediction in enumerate(predictions))
 
 
 def end_point_error(model, left, right, disparity, valid) -> float:
@@ -57,7 +52,7 @@ def overfit(steps: int = 300, every: int = 25, lr: float = 1e-3, seed: int = 0, 
                       f"{float(disparity[valid].max()):.1f} px, valid {float(valid.float().mean()):.1%}")
     if verbose: print(f"step {0:4d}  EPE {curve[-1][1]:7.3f} px")
     for step in range(1, steps + 1):
-        loss = sequence_loss(model(left, right), disparity, valid)
+        loss = sequence_loss(model(left, right), disparity, valid)      # the library's: RAFT-Stereo weights
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -8,64 +8,41 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
+
+from .config import LOSS_PARAMS, LossParams, format_problem, resolve_block
 
 # %% auto #0
-__all__ = ['Prediction', 'LOSS_FUNCTIONS', 'PIXEL_ERRORS', 'TERM_KEYS', 'DEFAULT_WEIGHT', 'supervised_mask', 'masked_mean',
-           'check_positive', 'check_non_negative', 'check_fraction', 'check_one_of', 'check_weights', 'LossFunction',
-           'as_predictions', 'register_loss', 'final_prediction', 'masked_pixel_loss', 'disparity_l1_loss',
-           'smooth_l1_loss', 'epe_loss', 'upsample_disparity', 'multi_scale_loss', 'sequence_weights', 'sequence_loss',
-           'gradient_loss', 'validate_loss_config', 'LossTerm', 'StereoLoss', 'build_loss']
+__all__ = ['Prediction', 'LOSS_FUNCTIONS', 'PIXEL_ERRORS', 'supervised_mask', 'masked_mean', 'LossFunction', 'as_predictions',
+           'register_loss', 'final_prediction', 'masked_pixel_loss', 'disparity_l1_loss', 'smooth_l1_loss', 'epe_loss',
+           'upsample_disparity', 'multi_scale_loss', 'sequence_weights', 'sequence_loss', 'gradient_loss',
+           'WeightedTerm', 'StereoLoss', 'build_loss']
 
 # %% ../nbs/04_losses.ipynb #60be8cd2
 Prediction = Union[torch.Tensor, Sequence[torch.Tensor]]   # one (B, 1, H, W) tensor, or a list, final last
 
-def supervised_mask(disparity: torch.Tensor, valid: torch.Tensor, max_disparity: float = math.inf) -> torch.Tensor:
-    "Pixels a loss learns from: `valid`, finite `disparity` and `disparity < max_disparity`; all (B, 1, H, W)."
-    return valid.bool() & torch.isfinite(disparity) & (disparity < max_disparity)
+def supervised_mask(disparity: torch.Tensor, valid: torch.Tensor, max_disparity: float | None = None) -> torch.Tensor:
+    "Pixels a loss learns from: `valid`, finite `disparity` and `disparity < max_disparity` (None: no limit); (B, 1, H, W)."
+    mask = valid.bool() & torch.isfinite(disparity)
+    return mask if max_disparity is None else mask & (disparity < max_disparity)
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     "Mean of `values` over the true pixels of `mask`, pooled over the batch; a finite 0 (with graph) when none is."
     return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)
 
-# %% ../nbs/04_losses.ipynb #56618787
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
-
-def check_positive(value) -> str | None:
-    "Problem with `value` as a number > 0 (`inf` allowed), or None."
-    return None if _is_number(value) and value > 0 else f"expected a number > 0, got {value!r}"
-
-def check_non_negative(value) -> str | None:
-    "Problem with `value` as a finite number >= 0, or None."
-    return None if _is_number(value) and 0 <= value < math.inf else f"expected a finite number >= 0, got {value!r}"
-
-def check_fraction(value) -> str | None:
-    "Problem with `value` as a number in (0, 1], or None."
-    return None if _is_number(value) and 0 < value <= 1 else f"expected a number in (0, 1], got {value!r}"
-
-def check_one_of(*choices) -> Callable[[Any], str | None]:
-    "A check that `value` is one of `choices`."
-    return lambda value: None if value in choices else f"expected one of {list(choices)}, got {value!r}"
-
-def check_weights(value) -> str | None:
-    "Problem with `value` as a non-empty list of finite numbers >= 0, or None."
-    if isinstance(value, (list, tuple)) and value and all(check_non_negative(v) is None for v in value): return None
-    return f"expected a non-empty list of finite numbers >= 0, got {value!r}"
-
 # %% ../nbs/04_losses.ipynb #15bec6a2
 @dataclass(frozen=True)
 class LossFunction:
-    "A registered loss: the wrapped function, its parameters' defaults and checks, and whether it reads `left`."
+    "A registered loss: `function` (validates its keywords), `compute` (trusted, resolved params), its params model."
     name: str
     function: Callable[..., torch.Tensor]
-    defaults: dict[str, Any]
-    checks: dict[str, Callable[[Any], str | None]]
+    compute: Callable[..., torch.Tensor]
+    params: type[LossParams]
     uses_left: bool
 
 LOSS_FUNCTIONS: dict[str, LossFunction] = {}
@@ -85,23 +62,39 @@ def _check_shapes(name: str, predictions: list[torch.Tensor], disparity: torch.T
             raise ValueError(f"{name}: prediction {i} has shape {tuple(p.shape)}; expected "
                              f"({disparity.shape[0]}, {disparity.shape[1]}, h, w) like disparity {tuple(disparity.shape)}")
 
-def register_loss(name: str, **checks: Callable[[Any], str | None]):
-    "Register a loss `fn(prediction, disparity, valid, *, **params) -> 0-dim tensor` under `name`, checking each param."
+# %% ../nbs/04_losses.ipynb #3763e8da
+def _keywords(name: str, function, params: type[LossParams]) -> bool:
+    "Check `function`'s keyword-only parameters against `params`; return whether it also takes `left`."
+    keywords = {p.name: p for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY}
+    uses_left = keywords.pop("left", None) is not None
+    if set(keywords) != set(params.model_fields):
+        raise TypeError(f"register_loss({name!r}): keyword parameters {sorted(keywords)} differ from the fields of "
+                        f"{params.__name__} {sorted(params.model_fields)}")
+    if defaults := sorted(k for k, p in keywords.items() if p.default is not p.empty):
+        raise TypeError(f"register_loss({name!r}): {defaults} have defaults in the signature; they belong to "
+                        f"{params.__name__} alone")
+    return uses_left
+
+def register_loss(name: str, params: type[LossParams] | None = None):
+    "Register `fn(prediction, disparity, valid, *, **params) -> 0-dim tensor` as `name`; `params`: its pydantic model."
+    params = params or LOSS_PARAMS.get(name)
+    if params is None: raise TypeError(f"register_loss({name!r}): give params=, a stereo_kit.config.LossParams model")
     def decorate(function):
-        parameters = inspect.signature(function).parameters.values()
-        defaults = {p.name: p.default for p in parameters if p.kind is p.KEYWORD_ONLY and p.name != "left"}
-        if set(defaults) != set(checks):
-            raise TypeError(f"register_loss({name!r}): keyword parameters {sorted(defaults)} need one check each, "
-                            f"got checks for {sorted(checks)}")
-        @functools.wraps(function)
-        def in_float32(prediction, disparity, valid, **kwargs):
+        uses_left = _keywords(name, function, params)
+        def compute(prediction, disparity, valid, **values):
             predictions = as_predictions(prediction)
             _check_shapes(name, predictions, disparity, valid)
             with torch.autocast(disparity.device.type, enabled=False):
-                return function([p.float() for p in predictions], disparity.float(), valid.bool(), **kwargs)
-        uses_left = any(p.name == "left" for p in parameters)
-        LOSS_FUNCTIONS[name] = LossFunction(name, in_float32, defaults, checks, uses_left)
-        return in_float32
+                return function([p.float() for p in predictions], disparity.float(), valid.bool(), **values)
+        @functools.wraps(function)
+        def validated(prediction, disparity, valid, left=None, **values):
+            try: resolved = params.model_validate(values).model_dump()
+            except ValidationError as error:
+                raise ValueError(f"{name}: " + "; ".join(format_problem(e) for e in error.errors())) from None
+            return compute(prediction, disparity, valid, **resolved, **({"left": left} if uses_left else {}))
+        LOSS_PARAMS[name] = params                  # a user's loss is validated in configs like the built-in ones
+        LOSS_FUNCTIONS[name] = LossFunction(name, validated, compute, params, uses_left)
+        return validated
     return decorate
 
 # %% ../nbs/04_losses.ipynb #a9fc43ae
@@ -118,26 +111,26 @@ def final_prediction(predictions: list[torch.Tensor], disparity: torch.Tensor) -
                          f"resolution; supervise coarse predictions with multi_scale_loss")
     return final
 
-def masked_pixel_loss(prediction, disparity, valid, max_disparity=math.inf, loss_type="l1", beta=1.0) -> torch.Tensor:
+def masked_pixel_loss(prediction, disparity, valid, max_disparity=None, loss_type="l1", beta=1.0) -> torch.Tensor:
     "Mean `PIXEL_ERRORS[loss_type]` of same-shape (B, C, H, W) `prediction` vs `disparity` over supervised pixels."
     mask = supervised_mask(disparity, valid, max_disparity)
     target = torch.where(mask, disparity, 0.0)
     return masked_mean(PIXEL_ERRORS[loss_type](prediction, target, beta), mask)
 
 # %% ../nbs/04_losses.ipynb #c52a9325
-@register_loss("disparity_l1_loss", max_disparity=check_positive)
-def disparity_l1_loss(prediction, disparity, valid, *, max_disparity=math.inf):
+@register_loss("disparity_l1_loss")
+def disparity_l1_loss(prediction, disparity, valid, *, max_disparity):
     "Mean |final prediction − disparity| over supervised pixels; prediction, disparity, valid: (B, 1, H, W)."
     return masked_pixel_loss(final_prediction(prediction, disparity), disparity, valid, max_disparity, "l1")
 
-@register_loss("smooth_l1_loss", beta=check_positive, max_disparity=check_positive)
-def smooth_l1_loss(prediction, disparity, valid, *, beta=1.0, max_disparity=math.inf):
+@register_loss("smooth_l1_loss")
+def smooth_l1_loss(prediction, disparity, valid, *, beta, max_disparity):
     "Mean smooth-L1 (Huber, quadratic below `beta` px) of the final prediction over supervised pixels."
     return masked_pixel_loss(final_prediction(prediction, disparity), disparity, valid, max_disparity,
                              "smooth_l1", beta)
 
-@register_loss("epe_loss", max_disparity=check_positive)
-def epe_loss(prediction, disparity, valid, *, max_disparity=math.inf):
+@register_loss("epe_loss")
+def epe_loss(prediction, disparity, valid, *, max_disparity):
     "Mean end-point error ‖final − disparity‖₂ over channels and supervised pixels (equal to L1 for 1 channel)."
     final = final_prediction(prediction, disparity)
     mask = supervised_mask(disparity, valid, max_disparity)
@@ -151,10 +144,8 @@ def upsample_disparity(prediction: torch.Tensor, size: tuple[int, int]) -> torch
     resized = F.interpolate(prediction, size=tuple(size), mode="bilinear", align_corners=False)
     return resized * (size[1] / prediction.shape[-1])
 
-@register_loss("multi_scale_loss", weights=check_weights, loss_type=check_one_of(*PIXEL_ERRORS), beta=check_positive,
-               max_disparity=check_positive)
-def multi_scale_loss(prediction, disparity, valid, *, weights=(1.0,), loss_type="l1", beta=1.0,
-                     max_disparity=math.inf):
+@register_loss("multi_scale_loss")
+def multi_scale_loss(prediction, disparity, valid, *, weights, loss_type, beta, max_disparity):
     "Σ weightᵢ · loss of the last len(weights) predictions, each upsampled to the ground truth (×W/w) first."
     predictions = as_predictions(prediction)
     if len(weights) > len(predictions):
@@ -171,8 +162,8 @@ def sequence_weights(n: int, gamma: float = 0.9) -> list[float]:
     adjusted = gamma ** (15 / (n - 1))
     return [adjusted ** (n - 1 - i) for i in range(n)]
 
-@register_loss("sequence_loss", gamma=check_fraction, max_disparity=check_positive)
-def sequence_loss(prediction, disparity, valid, *, gamma=0.9, max_disparity=math.inf):
+@register_loss("sequence_loss")
+def sequence_loss(prediction, disparity, valid, *, gamma, max_disparity):
     "Exponentially weighted L1 over the iterations' predictions (RAFT-Stereo), the final one weighted 1."
     predictions = as_predictions(prediction)
     size = tuple(disparity.shape[-2:])
@@ -190,8 +181,8 @@ def _mean_over_pairs(values: tuple[torch.Tensor, torch.Tensor], pairs: tuple[tor
     total = sum(torch.where(p, v, 0.0).sum() for v, p in zip(values, pairs))
     return total / sum(p.sum() for p in pairs).clamp(min=1)
 
-@register_loss("gradient_loss", smoothness_weight=check_non_negative, max_disparity=check_positive)
-def gradient_loss(prediction, disparity, valid, *, smoothness_weight=0.0, max_disparity=math.inf, left=None):
+@register_loss("gradient_loss")
+def gradient_loss(prediction, disparity, valid, *, smoothness_weight, max_disparity, left=None):
     "Mean |∂final − ∂disparity| over supervised neighbour pairs, plus optional edge-aware smoothness (needs `left`)."
     final = final_prediction(prediction, disparity)
     mask = supervised_mask(disparity, valid, max_disparity)
@@ -211,48 +202,10 @@ def gradient_loss(prediction, disparity, valid, *, smoothness_weight=0.0, max_di
 def _call(loss: LossFunction, prediction, disparity, valid, left, **params):
     return loss.function(prediction, disparity, valid, **params, **({"left": left} if loss.uses_left else {}))
 
-# %% ../nbs/04_losses.ipynb #a6a2c113
-TERM_KEYS = ("function", "weight", "params")
-DEFAULT_WEIGHT = 1.0
-
-def _loss_block(config: dict) -> Any:
-    return config["loss"] if isinstance(config, dict) and "loss" in config else config
-
-def _term_problems(path: str, term: Any) -> list[str]:
-    if not isinstance(term, dict): return [f"{path}: expected an object with keys {list(TERM_KEYS)}, got {term!r}"]
-    problems = [f"{path}.{key}: unknown key; expected one of {list(TERM_KEYS)}" for key in term if key not in TERM_KEYS]
-    function = term.get("function")
-    loss = LOSS_FUNCTIONS.get(function) if isinstance(function, str) else None
-    if loss is None:
-        problems.append(f"{path}.function: expected one of {sorted(LOSS_FUNCTIONS)}, got {function!r}")
-    if (problem := check_non_negative(term.get("weight", DEFAULT_WEIGHT))): problems.append(f"{path}.weight: {problem}")
-    params = term.get("params", {})
-    if not isinstance(params, dict):
-        return problems + [f"{path}.params: expected an object of parameters, got {params!r}"]
-    for key, value in params.items() if loss else ():
-        if key not in loss.checks:
-            problems.append(f"{path}.params.{key}: unknown parameter of {loss.name}; expected one of {sorted(loss.checks)}")
-        elif (problem := loss.checks[key](value)):
-            problems.append(f"{path}.params.{key}: {problem}")
-    return problems
-
-def validate_loss_config(config: dict) -> list[str]:
-    "Every problem of the `loss` block of `config` (or of the block itself), each starting with its key path."
-    block = _loss_block(config)
-    if not isinstance(block, dict) or not block:
-        return [f"loss: expected an object mapping label types to loss terms, got {block!r}"]
-    problems = []
-    for label_type, terms in block.items():
-        if not isinstance(terms, dict) or not terms:
-            problems.append(f"loss.{label_type}: expected an object mapping term names to terms, got {terms!r}")
-            continue
-        for name, term in terms.items(): problems += _term_problems(f"loss.{label_type}.{name}", term)
-    return problems
-
 # %% ../nbs/04_losses.ipynb #af711eaa
 @dataclass(frozen=True)
-class LossTerm:
-    "One configured term: `weight` × `loss`(prediction, disparity, valid, **params)."
+class WeightedTerm:
+    "One configured term: `weight` × `loss`(prediction, disparity, valid, **params), params resolved."
     label_type: str
     name: str
     loss: LossFunction
@@ -263,7 +216,8 @@ class LossTerm:
     def key(self) -> str: return f"{self.label_type}/{self.name}"
 
     def __call__(self, prediction, disparity, valid, left=None) -> torch.Tensor:
-        return _call(self.loss, prediction, disparity, valid, left, **self.params)
+        left = {"left": left} if self.loss.uses_left else {}
+        return self.loss.compute(prediction, disparity, valid, **self.params, **left)
 
 def _select(samples, index: torch.Tensor | None):
     "The samples `index` of a tensor, of each tensor of a list, or everything when `index` is None."
@@ -274,7 +228,7 @@ def _select(samples, index: torch.Tensor | None):
 @dataclass
 class StereoLoss:
     "The configured loss: `(prediction, disparity, valid, label_type) -> (total, {'<label>/<term>': value})`."
-    terms: dict[str, list[LossTerm]] = field(default_factory=dict)
+    terms: dict[str, list[WeightedTerm]] = field(default_factory=dict)
 
     @property
     def label_types(self) -> list[str]:
@@ -306,18 +260,16 @@ class StereoLoss:
                 total = total + share * term.weight * value
         return total, logged
 
-def build_loss(config: dict, max_disparity: float | None = None) -> StereoLoss:
-    "Validate the `loss` block of `config` (or the block itself) and build the `StereoLoss` it describes."
-    problems = validate_loss_config(config)
-    if max_disparity is not None and (problem := check_positive(max_disparity)):
-        problems.append(f"build_loss(max_disparity=...): {problem}")
-    if problems: raise ValueError(f"invalid loss config ({len(problems)} problems):\n  " + "\n  ".join(problems))
-    default = {} if max_disparity is None else {"max_disparity": float(max_disparity)}
+def build_loss(config, max_disparity: float | None = None) -> StereoLoss:
+    "The `StereoLoss` of a config's `loss` block (full config, block, or resolved); `max_disparity`: the data's limit."
+    block = resolve_block("loss", config)
+    if max_disparity is not None and not (math.isfinite(max_disparity) and max_disparity > 0):
+        raise ValueError(f"build_loss(max_disparity=...): expected a positive number, got {max_disparity!r}")
     terms = {}
-    for label_type, block in _loss_block(config).items():
+    for label_type, named_terms in block.items():
         terms[label_type] = []
-        for name, term in block.items():
-            loss = LOSS_FUNCTIONS[term["function"]]
-            params = {**loss.defaults, **default, **term.get("params", {})}
-            terms[label_type].append(LossTerm(label_type, name, loss, float(term.get("weight", DEFAULT_WEIGHT)), params))
+        for name, term in named_terms.items():
+            params = dict(term.params)
+            if params.get("max_disparity") is None: params["max_disparity"] = max_disparity
+            terms[label_type].append(WeightedTerm(label_type, name, LOSS_FUNCTIONS[term.function], term.weight, params))
     return StereoLoss(terms)

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from stereo_kit.metrics import MetricAccumulator, compute_metrics
-from stereo_kit.models import build_model, validate_model_config
-from stereo_kit.data.loader import build_dataloader, validate_data_config
-from stereo_kit.losses import build_loss, validate_loss_config
+from stereo_kit.config import validate_config
+from stereo_kit.models import build_model
+from stereo_kit.data.loader import build_dataloader
+from stereo_kit.losses import build_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,13 +29,12 @@ def quickstart():
 def test_shipped_configs_validate(name, monkeypatch):
     monkeypatch.chdir(ROOT)
     config = json.loads((ROOT / "configs/train" / name).read_text())
-    data_problems = validate_data_config(config["data"])
-    if name == "stereo_v1.json":                              # the spec's config points at the user's ./data
-        assert len(data_problems) == 1 and data_problems[0].startswith("data.datasets[0].path: folder not found: ./data")
+    assert validate_config(config, check_paths=False) == []
+    problems = validate_config(config)
+    if name == "stereo_v1.json":      # the spec's config points at the user's ./data and a local DINOv2 ViT-L
+        assert [p.split(":")[0] for p in problems] == ["model.pretrained", "data.datasets[0].path"], problems
     else:
-        assert data_problems == []
-    assert validate_loss_config(config) == []
-    assert validate_model_config(config) == []
+        assert problems == []
 
 
 def test_a_few_steps_through_every_module(quickstart, monkeypatch):

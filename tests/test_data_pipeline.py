@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from stereo_kit.config import Scale
 from stereo_kit.data.augment import as_sample, horizontal_flip, random_scale, stereo_agreement
 from stereo_kit.data.loader import DataQualityError, build_dataloader
 
@@ -121,7 +122,7 @@ def test_check_data_config_reports_every_problem(tmp_path, data_samples):
     result = run_cli("check-data", "--config", str(tmp_path / "bad.json"))
     assert result.returncode == 1
     for expected in ("data.datasets[0].weight: expected a positive number, got 0", "data.datasets[0].format: expected one of",
-                     "data.image_sizes[0]: expected [W, H] positive integers"):
+                     "data.image_sizes[0]: expected [width, height], two positive integers"):
         assert expected in result.stderr, result.stderr
 
 
@@ -173,6 +174,6 @@ def test_flip_and_scale_keep_geometry_on_the_full_skimage_pair(motorcycle):
     not_swapped = {**sample, "left": mirror(left), "right": mirror(right), "disparity": mirror(sample["disparity"]),
                    "valid": mirror(sample["valid"])}
     assert stereo_agreement(not_swapped) < baseline - 0.3
-    scaled = random_scale(sample, np.random.default_rng(0), scale=(0.6, 0.6))
+    scaled = random_scale(sample, np.random.default_rng(0), Scale(scale=(0.6, 0.6), probability=1))
     assert stereo_agreement(scaled) > baseline - 0.03
     assert stereo_agreement({**scaled, "disparity": scaled["disparity"] / 0.6}) < baseline - 0.1

@@ -4,6 +4,7 @@ The overfit on the real Middlebury crop (300 steps) is marked slow: about 100 s 
 from __future__ import annotations
 
 import json
+import socket
 import sys
 from pathlib import Path
 
@@ -15,10 +16,20 @@ import torch.nn.functional as F
 from stereo_kit.models.padder import InputPadder
 from stereo_kit.models.features import build_vit
 from stereo_kit.models.update import CorrelationLookup
-from stereo_kit.models.stereo import (MODEL_PRESETS, build_model, count_parameters, load_weights, save_weights,
-                                      validate_model_config)
+from stereo_kit.config import ConfigError, ModelConfig, validate_config
+from stereo_kit.models import MODEL_PRESETS, build_model, count_parameters, load_weights, save_weights
 
-TINY_VIT = {"preset": "tiny", "feature_type": "dinov2", "vit_size": "tiny"}
+# A random DINOv2 must be trainable (a frozen random one is refused); its warning is expected throughout.
+TINY_VIT = {"preset": "tiny", "feature_type": "dinov2", "vit_size": "tiny", "vit_trainable": True}
+pytestmark = pytest.mark.filterwarnings("ignore:model. building a DINOv2")
+
+
+@pytest.fixture(scope="module")
+def tiny_dinov2(tmp_path_factory) -> str:
+    "A local pretrained-DINOv2 folder (random weights), as a user would download once."
+    folder = tmp_path_factory.mktemp("dinov2") / "dinov2-tiny"
+    build_vit("tiny").save_pretrained(folder)
+    return str(folder)
 
 
 def stereo_pair(height=60, width=90, batch=2, seed=0):
@@ -30,7 +41,7 @@ def stereo_pair(height=60, width=90, batch=2, seed=0):
 @pytest.mark.parametrize("preset", ["tiny", "small", "base"])
 def test_preset_shapes_train_and_eval(preset):
     torch.manual_seed(0)
-    model = build_model({"preset": preset})
+    model = build_model({"preset": preset, "vit_trainable": True})
     left, right = stereo_pair(50, 70, batch=1)
     predictions = model.train()(left, right, iters=2)
     assert [tuple(p.shape) for p in predictions] == [(1, 1, 50, 70)] * 3
@@ -50,13 +61,14 @@ def test_default_iterations_come_from_config():
 
 
 def test_large_preset_is_the_paper_size_and_is_built_not_run():
-    model = build_model({"preset": "large"})
+    with torch.device("meta"):                          # shapes only: no memory, no initialisation time
+        model = build_model({"preset": "large", "vit_trainable": True})
     counts = count_parameters(model)
     assert model.config["max_disp"] == 416 and model.config["hidden_dims"] == [128, 128, 128]
     assert model.features.vit.config.hidden_size == 1024 and model.features.vit.config.num_hidden_layers == 24
     assert 300e6 < counts["vit"] < 310e6                # DINOv2 ViT-L/14 (the Depth-Anything-V2 encoder)
     assert counts["total"] == counts["vit"] + counts["rest"]
-    assert model.parameter_groups()["vit"] == []        # frozen by default
+    assert ModelConfig.model_fields["vit_trainable"].default is False     # frozen by default
 
 
 def test_disparity_sign_convention_in_lookup():
@@ -115,19 +127,23 @@ def test_padder_round_trip_is_exact(mode, size):
     if mode == "kitti": assert torch.equal(padded[..., : size[0], : size[1]], image)
 
 
+def model_problems(block) -> list[str]:
+    return [p for p in validate_config({"model": block}) if p.startswith("model")]
+
+
 def test_config_problems_are_all_reported_with_their_keys():
-    config = {"model": {"preset": "tiny", "correlation_implementation": "x", "n_gru_layers": 4, "max_disp": 100,
-                        "feature_type": "resnet", "unknown": 1}}
-    problems = validate_model_config(config)
-    assert "model.correlation_implementation: expected 'reg' or 'alt', got 'x'" in problems
+    config = {"preset": "tiny", "correlation_implementation": "x", "n_gru_layers": 4, "max_disp": 100,
+              "feature_type": "resnet", "unknown": 1}
+    problems = model_problems(config)
+    assert "model.correlation_implementation: expected one of 'reg' or 'alt', got 'x'" in problems
     for key in ("model.n_gru_layers", "model.max_disp", "model.feature_type", "model.unknown"):
         assert any(problem.startswith(key + ":") for problem in problems), key
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(ConfigError) as error:
         build_model(config)
     assert all(problem in str(error.value) for problem in problems)
-    assert validate_model_config({"preset": "tiny", "hidden_dims": [32], "n_gru_layers": 2}) == [
+    assert model_problems({"preset": "tiny", "hidden_dims": [32], "n_gru_layers": 2}) == [
         "model.hidden_dims: expected at least n_gru_layers=2 entries, got [32]"]
-    assert validate_model_config({"preset": "giant"})[0].startswith("model.preset: expected one of")
+    assert model_problems({"preset": "giant"})[0].startswith("model.preset: expected one of")
 
 
 def test_config_keys_override_the_preset():
@@ -137,7 +153,7 @@ def test_config_keys_override_the_preset():
     assert MODEL_PRESETS["small"]["max_disp"] == 192        # the registry is not modified
 
 
-@pytest.mark.parametrize("config", [{"preset": "tiny"}, {**TINY_VIT, "vit_trainable": True}])
+@pytest.mark.parametrize("config", [{"preset": "tiny"}, TINY_VIT])
 def test_gradient_checkpointing_changes_nothing_but_memory(config):
     torch.manual_seed(0)
     model = build_model(config).train()
@@ -195,26 +211,39 @@ def test_weights_file_round_trip(tmp_path):
     assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == ["model.json", "model.pt"]
 
 
-def test_pretrained_vit_loads_from_a_local_directory_without_network(tmp_path):
-    vit = build_vit("tiny")
-    vit.save_pretrained(tmp_path / "dinov2-tiny")
-    model = build_model({**TINY_VIT, "pretrained": str(tmp_path / "dinov2-tiny")})
+class NetworkAttempt(Exception):
+    "Raised by the blocked socket layer; deliberately not an OSError, so no caller can mistake it for a missing file."
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs): raise NetworkAttempt(f"network access attempted: {args[:2]}")
+    for name in ("connect", "connect_ex", "sendto"): monkeypatch.setattr(socket.socket, name, refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+def test_pretrained_vit_loads_from_a_local_directory_without_network(tmp_path, tiny_dinov2, no_network):
+    vit = build_vit("tiny", pretrained=tiny_dinov2)
+    model = build_model({**TINY_VIT, "vit_trainable": False, "pretrained": tiny_dinov2})
     for name, value in vit.state_dict().items():
         torch.testing.assert_close(model.features.vit.state_dict()[name], value)
-    with pytest.raises(OSError):
+    with pytest.raises(ConfigError, match="model.pretrained: folder not found"):    # the config layer checks first
         build_model({**TINY_VIT, "pretrained": str(tmp_path / "missing")})
+    with pytest.raises(OSError):                         # and the loader itself refuses locally, never fetches
+        build_vit("tiny", pretrained=str(tmp_path / "missing"))
 
 
-def test_parameter_groups_split_vit_and_rest():
-    frozen = build_model(TINY_VIT)
-    trainable = build_model({**TINY_VIT, "vit_trainable": True})
+def test_parameter_groups_split_vit_and_rest(tiny_dinov2):
+    frozen = build_model({**TINY_VIT, "vit_trainable": False, "pretrained": tiny_dinov2})
+    trainable = build_model(TINY_VIT)
     assert frozen.parameter_groups()["vit"] == [] and not any(p.requires_grad for p in frozen.features.vit.parameters())
     groups = trainable.parameter_groups()
     assert len(groups["vit"]) == len(list(trainable.features.vit.parameters())) - 1      # the mask token is frozen
     assert len(groups["vit"]) + len(groups["rest"]) == sum(p.requires_grad for p in trainable.parameters())
 
 
-@pytest.mark.parametrize("config", [{"preset": "tiny"}, {**TINY_VIT, "vit_trainable": True}, {"preset": "tiny", "n_gru_layers": 1}])
+@pytest.mark.parametrize("config", [{"preset": "tiny"}, TINY_VIT, {"preset": "tiny", "n_gru_layers": 1}])
 def test_every_trainable_parameter_gets_a_gradient(config):
     "DistributedDataParallel (accelerate) fails on parameters that take no part in the loss."
     model = build_model(config).train()
@@ -230,3 +259,11 @@ def test_tiny_preset_overfits_one_real_middlebury_crop():
     curve = overfit(steps=300, every=50, verbose=True)
     print("EPE curve:", curve)
     assert curve[0][1] > 5 and curve[-1][1] < 1.0
+
+
+def test_a_frozen_random_vit_is_refused_with_the_way_out():
+    with pytest.raises(ConfigError) as error:
+        build_model({"preset": "small"})
+    assert "model.pretrained: a frozen DINOv2 (small) with random weights" in str(error.value)
+    with pytest.warns(UserWarning, match="random weights"):
+        build_model(TINY_VIT)

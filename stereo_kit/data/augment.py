@@ -7,17 +7,18 @@ the left pixel $(x, y)$ still sees what the right view shows at $(x - d, y)$."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable
 
 import cv2
 import numpy as np
+
+from ..config import (
+    AugmentationConfig, Blur, Eraser, HorizontalFlip, Jittering, Noise, Scale, VerticalFlip, VerticalShift, XStretch)
 
 # %% auto #0
 __all__ = ['AUGMENTATIONS', 'as_sample', 'warp_right_to_left', 'agreement_map', 'stereo_agreement', 'right_disparity_from_left',
            'visible_in_other_view', 'horizontal_flip', 'vertical_flip', 'resize_sample', 'random_scale', 'x_stretch',
            'random_crop', 'vertical_shift', 'eraser', 'colour_matrix', 'colour_jitter', 'gaussian_noise',
-           'gaussian_blur', 'Augmentation', 'augmentation_params', 'augment']
+           'gaussian_blur', 'augment']
 
 # %% ../../nbs/02c_data_augment.ipynb #6ed3331f
 def as_sample(left, right, disparity, valid=None, disparity_right=None, valid_right=None, **extra) -> dict:
@@ -136,10 +137,10 @@ def _without_right_disparity(sample: dict) -> dict:
     "The sample without the right view's disparity (once the flip has run, nothing downstream reads it)."
     return {key: value for key, value in sample.items() if key not in ("disparity_right", "valid_right")}
 
-def horizontal_flip(sample: dict, rng: np.random.Generator = None, probability: float = 1.0,
+def horizontal_flip(sample: dict, rng: np.random.Generator = None, params: HorizontalFlip = HorizontalFlip(),
                     right_disparity: bool = True) -> dict:
     "Mirror both views and swap them; the new left disparity is the old right view's (`right_disparity`: keep the new right's)."
-    if rng is not None and rng.random() >= probability: return sample
+    if rng is not None and rng.random() >= params.probability: return sample
     sample = _with_right_disparity(sample)
     mirror = lambda key: _flip(sample[key], 1)
     out = {**sample, "left": mirror("right"), "right": mirror("left"), "disparity": mirror("disparity_right"),
@@ -148,9 +149,9 @@ def horizontal_flip(sample: dict, rng: np.random.Generator = None, probability: 
         return _without_right_disparity(out)
     return {**out, "disparity_right": mirror("disparity"), "valid_right": mirror("valid")}
 
-def vertical_flip(sample: dict, rng: np.random.Generator = None, probability: float = 1.0) -> dict:
+def vertical_flip(sample: dict, rng: np.random.Generator = None, params: VerticalFlip = VerticalFlip()) -> dict:
     "Mirror every array upside down (rows of a rectified pair stay matched)."
-    if rng is not None and rng.random() >= probability: return sample
+    if rng is not None and rng.random() >= params.probability: return sample
     return {**sample, **{key: _flip(sample[key], 0) for key in _ARRAY_KEYS if key in sample}}
 
 _ARRAY_KEYS = ("left", "right", "disparity", "valid", "disparity_right", "valid_right")
@@ -177,19 +178,19 @@ def resize_sample(sample: dict, width: int, height: int) -> dict:
                                     interpolation=cv2.INTER_NEAREST_EXACT).view(bool)
     return out
 
-def random_scale(sample: dict, rng: np.random.Generator, scale=(0.8, 1.25), probability: float = 1.0,
-                 min_size=None) -> dict:
-    "Scale both axes by a log-uniform factor in `scale`; with `min_size` (W, H), never below it when possible."
+def random_scale(sample: dict, rng: np.random.Generator, params: Scale = Scale(), min_size=None) -> dict:
+    "Scale both axes by a log-uniform factor in `params.scale`; with `min_size` (W, H), never below it when possible."
     height, width = sample["disparity"].shape
-    factor = math.exp(rng.uniform(math.log(scale[0]), math.log(scale[1]))) if rng.random() < probability else 1.0
+    low, high = params.scale
+    factor = math.exp(rng.uniform(math.log(low), math.log(high))) if rng.random() < params.probability else 1.0
     if min_size is not None: factor = max(factor, min_size[0] / width, min_size[1] / height)
     return resize_sample(sample, round(width * factor), round(height * factor))
 
-def x_stretch(sample: dict, rng: np.random.Generator, stretch=(0.9, 1.1), probability: float = 0.5) -> dict:
-    "Scale only the horizontal axis by a factor in `stretch` (disparity scales with it)."
-    if rng.random() >= probability: return sample
+def x_stretch(sample: dict, rng: np.random.Generator, params: XStretch = XStretch()) -> dict:
+    "Scale only the horizontal axis by a factor in `params.stretch` (disparity scales with it)."
+    if rng.random() >= params.probability: return sample
     height, width = sample["disparity"].shape
-    return resize_sample(sample, round(width * rng.uniform(*stretch)), height)
+    return resize_sample(sample, round(width * rng.uniform(*params.stretch)), height)
 
 # %% ../../nbs/02c_data_augment.ipynb #88d41cab
 def random_crop(sample: dict, rng: np.random.Generator, size) -> dict:
@@ -214,11 +215,10 @@ def random_crop(sample: dict, rng: np.random.Generator, size) -> dict:
     return out
 
 # %% ../../nbs/02c_data_augment.ipynb #e8db4d31
-def vertical_shift(sample: dict, rng: np.random.Generator, max_shift: float = 1.5,
-                   probability: float = 0.5) -> dict:
-    "Shift the right view by a uniform vertical offset in ±`max_shift` px (bilinear); left and disparity unchanged."
-    if rng.random() >= probability: return sample
-    shift = rng.uniform(-max_shift, max_shift)
+def vertical_shift(sample: dict, rng: np.random.Generator, params: VerticalShift = VerticalShift()) -> dict:
+    "Shift the right view by a uniform vertical offset in ±`params.max_shift` px (bilinear); left and disparity unchanged."
+    if rng.random() >= params.probability: return sample
+    shift = rng.uniform(-params.max_shift, params.max_shift)
     right, height = sample["right"], sample["right"].shape[0]
     rows, fraction = math.floor(shift), shift - math.floor(shift)     # row y takes (1-f)·row(y+k) + f·row(y+k+1)
     pad = max(abs(rows), abs(rows + 1))
@@ -226,15 +226,15 @@ def vertical_shift(sample: dict, rng: np.random.Generator, max_shift: float = 1.
     above, below = padded[pad + rows:pad + rows + height], padded[pad + rows + 1:pad + rows + 1 + height]
     return {**sample, "right": cv2.addWeighted(above, 1 - fraction, below, fraction, 0.0)}
 
-def eraser(sample: dict, rng: np.random.Generator, probability: float = 0.5, count=(1, 3),
-           size=(50, 100)) -> dict:
-    "Paint `count` rectangles (sides in `size` px) of the right view's mean colour onto the right view."
-    if rng.random() >= probability: return sample
+def eraser(sample: dict, rng: np.random.Generator, params: Eraser = Eraser()) -> dict:
+    "Paint `params.count` rectangles (sides in `params.size` px) of the right view's mean colour onto the right view."
+    if rng.random() >= params.probability: return sample
     right = np.array(sample["right"], copy=True)
     height, width = right.shape[:2]
     mean_colour = cv2.mean(right)[:3]
-    for _ in range(int(rng.integers(count[0], count[1] + 1))):
-        w, h = rng.integers(size[0], size[1] + 1, 2)
+    (fewest, most), (shortest, longest) = params.count, params.size
+    for _ in range(int(rng.integers(fewest, most + 1))):
+        w, h = rng.integers(shortest, longest + 1, 2)
         x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
         right[y0:y0 + h, x0:x0 + w] = mean_colour
     return {**sample, "right": right}
@@ -276,14 +276,12 @@ def _draw_jitter(rng: np.random.Generator, brightness, contrast, saturation, hue
                 saturation=rng.uniform(1 - saturation, 1 + saturation), hue=rng.uniform(-hue, hue),
                 gamma=rng.uniform(*gamma))
 
-def colour_jitter(sample: dict, rng: np.random.Generator, brightness: float = 0.3, contrast: float = 0.3,
-                  saturation: float = 0.3, hue: float = 0.05, gamma=(0.8, 1.2), probability: float = 1.0,
-                  asymmetric_probability: float = 0.2) -> dict:
+def colour_jitter(sample: dict, rng: np.random.Generator, params: Jittering = Jittering()) -> dict:
     "Random brightness/contrast/saturation (×[1-v, 1+v]), hue (±turns) and gamma; per view with a probability."
-    if rng.random() >= probability: return sample
-    ranges = (brightness, contrast, saturation, hue, gamma)
+    if rng.random() >= params.probability: return sample
+    ranges = (params.brightness, params.contrast, params.saturation, params.hue, params.gamma)
     left_params = _draw_jitter(rng, *ranges)
-    right_params = _draw_jitter(rng, *ranges) if rng.random() < asymmetric_probability else left_params
+    right_params = _draw_jitter(rng, *ranges) if rng.random() < params.asymmetric_probability else left_params
     return {**sample, "left": _jitter_view(sample["left"], left_params),
             "right": _jitter_view(sample["right"], right_params)}
 
@@ -300,13 +298,13 @@ def _noise_patch(rng: np.random.Generator, height: int, width: int) -> np.ndarra
     start = int(rng.integers(0, bank.size - count + 1))
     return bank[start:start + count].reshape(height, width, 3)
 
-def gaussian_noise(sample: dict, rng: np.random.Generator, std=(0.0, 5.0), probability: float = 0.5) -> dict:
-    "Add zero-mean Gaussian noise (standard deviation uniform in `std`, grey levels) to each view independently."
-    if rng.random() >= probability: return sample
+def gaussian_noise(sample: dict, rng: np.random.Generator, params: Noise = Noise()) -> dict:
+    "Add zero-mean Gaussian noise (standard deviation uniform in `params.std`, grey levels) to each view independently."
+    if rng.random() >= params.probability: return sample
     out = dict(sample)
     for key in ("left", "right"):
         image = sample[key]
-        scale = rng.uniform(*std) * rng.choice((-1, 1))
+        scale = rng.uniform(*params.std) * rng.choice((-1, 1))
         noise = _noise_patch(rng, *image.shape[:2])
         if image.dtype == np.uint8:             # one pass, rounded and saturated to 8 bits: no float copy of the view
             out[key] = cv2.addWeighted(image, 1.0, noise, scale, 0.0, dtype=cv2.CV_8U)
@@ -315,73 +313,29 @@ def gaussian_noise(sample: dict, rng: np.random.Generator, std=(0.0, 5.0), proba
             out[key] = np.clip(noisy, 0, 255, out=noisy)
     return out
 
-def gaussian_blur(sample: dict, rng: np.random.Generator, sigma=(0.1, 1.5), probability: float = 0.2) -> dict:
-    "Blur each view with its own Gaussian of standard deviation uniform in `sigma` px."
-    if rng.random() >= probability: return sample
-    return {**sample, **{key: cv2.GaussianBlur(sample[key], (0, 0), rng.uniform(*sigma)) for key in ("left", "right")}}
+def gaussian_blur(sample: dict, rng: np.random.Generator, params: Blur = Blur()) -> dict:
+    "Blur each view with its own Gaussian of standard deviation uniform in `params.sigma` px."
+    if rng.random() >= params.probability: return sample
+    return {**sample, **{key: cv2.GaussianBlur(sample[key], (0, 0), rng.uniform(*params.sigma))
+                         for key in ("left", "right")}}
 
 # %% ../../nbs/02c_data_augment.ipynb #487c159b
-@dataclass(frozen=True)
-class Augmentation:
-    "One op of the pipeline: its function, kind ('geometric' or 'image') and default parameters."
-    function: Callable
-    kind: str
-    defaults: dict = field(default_factory=dict)
-
-AUGMENTATIONS = {
-    "horizontal_flip": Augmentation(horizontal_flip, "geometric", dict(probability=0.5)),
-    "vertical_flip": Augmentation(vertical_flip, "geometric", dict(probability=0.1)),
-    "scale": Augmentation(random_scale, "geometric", dict(scale=(0.8, 1.25), probability=0.8)),
-    "x_stretch": Augmentation(x_stretch, "geometric", dict(stretch=(0.9, 1.1), probability=0.5)),
-    "crop": Augmentation(random_crop, "always"),
-    "vertical_shift": Augmentation(vertical_shift, "geometric", dict(max_shift=1.5, probability=0.3)),
-    "jittering": Augmentation(colour_jitter, "image", dict(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05,
-                                                           gamma=(0.8, 1.2), probability=1.0,
-                                                           asymmetric_probability=0.2)),
-    "eraser": Augmentation(eraser, "image", dict(probability=0.5, count=(1, 3), size=(50, 100))),
-    "noise": Augmentation(gaussian_noise, "image", dict(std=(0.0, 5.0), probability=0.5)),
-    "blur": Augmentation(gaussian_blur, "image", dict(sigma=(0.1, 1.5), probability=0.2)),
-}
-
-# %% ../../nbs/02c_data_augment.ipynb #3fd4bcec
-def _is_number(value) -> bool: return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-def _check_param(key: str, default, value) -> str | None:
-    if isinstance(default, tuple):
-        if not (isinstance(value, (list, tuple)) and len(value) == len(default) and all(map(_is_number, value))):
-            return f"{key}: expected a list of {len(default)} numbers, got {value!r}"
-        if value[0] > value[1]: return f"{key}: expected low <= high, got {list(value)}"
-    elif not _is_number(value) or value < 0: return f"{key}: expected a non-negative number, got {value!r}"
-    elif key.endswith("probability") and value > 1: return f"{key}: expected a probability in [0, 1], got {value!r}"
-
-def augmentation_params(overrides: dict | None = None, key: str = "data.augmentation") -> tuple[dict, list[str]]:
-    "Merge `{op: {param: value}}` overrides into the defaults; return `(params per op, problems)`."
-    overrides, problems = overrides or {}, []
-    if not isinstance(overrides, dict): return {}, [f"{key}: expected an object {{op: {{param: value}}}}, got {overrides!r}"]
-    params = {name: dict(op.defaults) for name, op in AUGMENTATIONS.items()}
-    for name, given in overrides.items():
-        if name not in AUGMENTATIONS or AUGMENTATIONS[name].kind == "always":
-            problems.append(f"{key}.{name}: unknown augmentation; expected one of "
-                            f"{[n for n, op in AUGMENTATIONS.items() if op.kind != 'always']}")
-            continue
-        if not isinstance(given, dict):
-            problems.append(f"{key}.{name}: expected an object of parameters, got {given!r}"); continue
-        for param, value in given.items():
-            if param not in params[name]:
-                problems.append(f"{key}.{name}.{param}: unknown parameter; expected one of {sorted(params[name])}")
-            elif (problem := _check_param(f"{key}.{name}.{param}", params[name][param], value)): problems.append(problem)
-            else: params[name][param] = tuple(value) if isinstance(value, list) else value
-    return params, problems
+AUGMENTATIONS = {"horizontal_flip": horizontal_flip, "vertical_flip": vertical_flip, "scale": random_scale,
+                 "x_stretch": x_stretch, "vertical_shift": vertical_shift, "jittering": colour_jitter,
+                 "eraser": eraser, "noise": gaussian_noise, "blur": gaussian_blur}
 
 # %% ../../nbs/02c_data_augment.ipynb #5f564978
+_CROP_AFTER = "x_stretch"       # the last op that resamples: the crop then fixes the size for the per-pixel ops
+
 def augment(sample: dict, rng: np.random.Generator, size, image_ops=(), geometric: bool = True,
-            params: dict | None = None, right_disparity: bool = True) -> dict:
+            params: AugmentationConfig = AugmentationConfig(), right_disparity: bool = True) -> dict:
     "Run the pipeline on `sample`, cropped to `size` = (W, H); `right_disparity=False` drops it after the flip."
-    params = params or augmentation_params()[0]
-    context = {"scale": dict(min_size=size), "horizontal_flip": dict(right_disparity=right_disparity)}
+    if isinstance(params, dict): params = AugmentationConfig.model_validate(params)
+    extras = {"scale": dict(min_size=size), "horizontal_flip": dict(right_disparity=right_disparity)}
     for name, op in AUGMENTATIONS.items():
-        if op.kind == "always": sample = random_crop(sample, rng, size)
-        elif (op.kind == "geometric" and geometric) or (op.kind == "image" and name in image_ops):
-            sample = op.function(sample, rng, **params[name], **context.get(name, {}))
+        op_params = getattr(params, name)
+        switched_on = geometric if op_params.kind == "geometric" else name in image_ops
+        if switched_on: sample = op(sample, rng, op_params, **extras.get(name, {}))
         if name == "horizontal_flip" and not right_disparity: sample = _without_right_disparity(sample)
+        if name == _CROP_AFTER: sample = random_crop(sample, rng, size)
     return sample

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..io import StereoIOError
-from .loader import checked_data_config, index_entry
+from ..config import resolve_config
 from .datasets import SampleIndex, find_standard_scenes, read_sample
+from .loader import bad_sample, index_entry
 
 # %% auto #0
 __all__ = ['SceneSummary', 'summarize_scene', 'format_summaries', 'summarize_config']
@@ -25,26 +25,27 @@ __all__ = ['SceneSummary', 'summarize_scene', 'format_summaries', 'summarize_con
 class SceneSummary:
     "What `summarize_scene` found in one scene."
     name: str
-    samples: int                                   # samples that read cleanly
+    samples: int                                   # samples that read cleanly (the usable ones)
     image_sizes: Counter                           # (width, height) -> count
     disparity_min: float = float("nan")
     disparity_max: float = float("nan")
     disparity_percentiles: dict = field(default_factory=dict)    # {1: .., 50: .., 99: ..} over valid pixels
     invalid_fraction: float = float("nan")
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)            # the index's, then one per unusable sample
 
 _VALUES_KEPT_PER_SAMPLE = 4096
 
-def summarize_scene(scene: SampleIndex, progress: bool = False, seed: int = 0) -> SceneSummary:
-    "Read every sample of `scene` (any `SampleIndex`) and summarise it; unreadable samples are problems, not raised."
+def summarize_scene(scene: SampleIndex, progress: bool = False, seed: int = 0,
+                    max_pixels: int | None = None) -> SceneSummary:
+    "Read every sample of `scene` (any `SampleIndex`) and summarise it; unusable samples are problems, not raised."
     rng = np.random.default_rng(seed)
     sizes, kept, problems = Counter(), [], list(scene.problems)
     invalid_pixels = total_pixels = 0
     low, high = np.inf, -np.inf
     for sample in tqdm(scene.samples, desc=scene.name, disable=not progress, leave=False):
-        try: arrays = read_sample(sample)
-        except StereoIOError as error:
-            problems.append(str(error))
+        try: arrays = read_sample(sample, max_pixels)
+        except Exception as error:           # one sample's failure is its problem, never the end of the check
+            problems.append(bad_sample(sample, error).message)
             continue
         disparity, valid = arrays["disparity"], arrays["valid"]
         sizes[disparity.shape[::-1]] += 1
@@ -86,6 +87,7 @@ def format_summaries(summaries: list[SceneSummary], label: str = "scene") -> str
 
 # %% ../../nbs/02e_data_check.ipynb #728aa572
 def summarize_config(config: dict, progress: bool = False) -> list[SceneSummary]:
-    "Summarise every dataset of a config's `data` block; raises ValueError listing all config problems."
-    data = checked_data_config(config)
-    return [summarize_scene(index_entry(entry, data), progress=progress) for entry in data["datasets"]]
+    "Summarise every dataset of a training config; raises `ConfigError` listing every problem of the whole config."
+    data = resolve_config(config).data
+    return [summarize_scene(index_entry(entry, data), progress=progress, max_pixels=data.max_image_pixels)
+            for entry in data.datasets]

@@ -5,106 +5,20 @@
 # %% ../../nbs/03e_model_stereo.ipynb #212549c3
 from __future__ import annotations
 
-import copy
-import json
-from pathlib import Path
+import warnings
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ..io import atomic_path
+from ..config import ModelConfig, resolve_block
 from .padder import InputPadder
-from .features import FeatureEncoder, build_vit, normalize_image, VIT_SIZES
+from .features import FeatureEncoder, build_vit, normalize_image
 from .cost_volume import HybridCostVolume, CostFilter, soft_argmin
-from .update import (CorrelationLookup, CORRELATION_IMPLEMENTATIONS, MultiLevelUpdate,
-                                      convex_upsample)
+from .update import CorrelationLookup, MultiLevelUpdate, convex_upsample
 
 # %% auto #0
-__all__ = ['MODEL_PRESETS', 'MODEL_COMMON_DEFAULTS', 'DEFAULT_PRESET', 'FEATURE_TYPES', 'resolve_model_config',
-           'validate_model_config', 'ContextHeads', 'FoundationStereoModel', 'build_model', 'count_parameters']
-
-# %% ../../nbs/03e_model_stereo.ipynb #9864394b
-MODEL_PRESETS = {
-    "tiny": dict(max_disp=64, feature_type="cnn", vit_size="tiny", vit_channels=16, feature_channels=[16, 24, 32],
-                 volume_groups=4, concat_channels=4, filter_width=8, transformer_heads=2, transformer_layers=1,
-                 correlation_implementation="reg", corr_levels=2, corr_radius=2, n_gru_layers=2, hidden_dims=[32, 32],
-                 motion_channels=32, train_iters=4, valid_iters=8),
-    "small": dict(max_disp=192, feature_type="dinov2", vit_size="small", vit_channels=32, feature_channels=[32, 48, 96],
-                  volume_groups=8, concat_channels=8, filter_width=16, transformer_heads=4, transformer_layers=1,
-                  correlation_implementation="reg", corr_levels=2, corr_radius=4, n_gru_layers=3,
-                  hidden_dims=[64, 64, 64], motion_channels=64, train_iters=12, valid_iters=16),
-    "base": dict(max_disp=192, feature_type="dinov2", vit_size="base", vit_channels=64, feature_channels=[48, 96, 160],
-                 volume_groups=8, concat_channels=16, filter_width=24, transformer_heads=4, transformer_layers=2,
-                 correlation_implementation="reg", corr_levels=2, corr_radius=4, n_gru_layers=3,
-                 hidden_dims=[96, 96, 96], motion_channels=96, train_iters=16, valid_iters=24),
-    "large": dict(max_disp=416, feature_type="dinov2", vit_size="large", vit_channels=128, feature_channels=[48, 96, 160],
-                  volume_groups=8, concat_channels=16, filter_width=32, transformer_heads=4, transformer_layers=4,
-                  correlation_implementation="alt", corr_levels=2, corr_radius=4, n_gru_layers=3,
-                  hidden_dims=[128, 128, 128], motion_channels=128, train_iters=22, valid_iters=32),
-}
-MODEL_COMMON_DEFAULTS = dict(vit_trainable=False, pretrained=None, allow_download=False)
-DEFAULT_PRESET = "large"
-FEATURE_TYPES = ("cnn", "dinov2")
-
-# %% ../../nbs/03e_model_stereo.ipynb #54312398
-def _positive_int(value): return isinstance(value, int) and not isinstance(value, bool) and value > 0
-def _int_list(value, length=None):
-    return isinstance(value, list) and all(map(_positive_int, value)) and (length is None or len(value) == length)
-
-_MODEL_CHECKS = {
-    "preset": (lambda v: v in MODEL_PRESETS, f"one of {sorted(MODEL_PRESETS)}"),
-    "max_disp": (lambda v: _positive_int(v) and v % 16 == 0, "a positive multiple of 16"),
-    "feature_type": (lambda v: v in FEATURE_TYPES, f"one of {list(FEATURE_TYPES)}"),
-    "vit_size": (lambda v: v in VIT_SIZES, f"one of {sorted(VIT_SIZES)}"),
-    "vit_channels": (_positive_int, "a positive integer"),
-    "vit_trainable": (lambda v: isinstance(v, bool), "true or false"),
-    "pretrained": (lambda v: v is None or isinstance(v, str), "null or a local directory path"),
-    "allow_download": (lambda v: isinstance(v, bool), "true or false"),
-    "feature_channels": (lambda v: _int_list(v, 3), "a list of 3 positive integers (1/4, 1/8, 1/16 resolution; the first n_gru_layers are used)"),
-    "volume_groups": (_positive_int, "a positive integer"),
-    "concat_channels": (_positive_int, "a positive integer"),
-    "filter_width": (_positive_int, "a positive integer"),
-    "transformer_heads": (_positive_int, "a positive integer"),
-    "transformer_layers": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
-    "correlation_implementation": (lambda v: v in CORRELATION_IMPLEMENTATIONS, "'reg' or 'alt'"),
-    "corr_levels": (_positive_int, "a positive integer"),
-    "corr_radius": (_positive_int, "a positive integer"),
-    "n_gru_layers": (lambda v: v in (1, 2, 3), "1, 2 or 3"),
-    "hidden_dims": (_int_list, "a list of positive integers"),
-    "motion_channels": (lambda v: _positive_int(v) and v > 1, "an integer > 1"),
-    "train_iters": (_positive_int, "a positive integer"),
-    "valid_iters": (_positive_int, "a positive integer"),
-}
-
-def _model_block(config: dict) -> dict:
-    return config["model"] if isinstance(config.get("model"), dict) else config
-
-def resolve_model_config(config: dict) -> dict:
-    "The full model config: preset values (default preset 'large'), common defaults, then `config`'s own keys."
-    block = _model_block(config)
-    preset = block.get("preset", DEFAULT_PRESET)
-    return {"preset": preset, **MODEL_COMMON_DEFAULTS, **copy.deepcopy(MODEL_PRESETS.get(preset, {})), **block}
-
-def validate_model_config(config: dict) -> list[str]:
-    "Every problem in a model config (the `model` block or a config holding one), each naming its key."
-    block = _model_block(config)
-    if not isinstance(block, dict): return [f"model: expected a dict, got {type(block).__name__}"]
-    resolved = resolve_model_config(block)
-    problems = [f"model.{key}: unknown key; expected one of {sorted(_MODEL_CHECKS)}" for key in block if key not in _MODEL_CHECKS]
-    for key, (check, expected) in _MODEL_CHECKS.items():
-        if key in resolved and not check(resolved[key]): problems.append(f"model.{key}: expected {expected}, got {resolved[key]!r}")
-    if problems: return problems
-    if len(resolved["hidden_dims"]) < resolved["n_gru_layers"]:
-        problems.append(f"model.hidden_dims: expected at least n_gru_layers={resolved['n_gru_layers']} entries, "
-                        f"got {resolved['hidden_dims']}")
-    if resolved["feature_channels"][0] % resolved["volume_groups"]:
-        problems.append(f"model.volume_groups: expected a divisor of feature_channels[0]={resolved['feature_channels'][0]}, "
-                        f"got {resolved['volume_groups']}")
-    if 4 * resolved["filter_width"] % resolved["transformer_heads"]:
-        problems.append(f"model.transformer_heads: expected a divisor of 4*filter_width={4 * resolved['filter_width']}, "
-                        f"got {resolved['transformer_heads']}")
-    return problems
+__all__ = ['ContextHeads', 'FoundationStereoModel', 'build_model', 'count_parameters']
 
 # %% ../../nbs/03e_model_stereo.ipynb #3716fcda
 class ContextHeads(nn.Module):
@@ -194,11 +108,13 @@ class FoundationStereoModel(nn.Module):
         return disparity[..., top // 4: top // 4 + rows, left // 4: left // 4 + cols]
 
 # %% ../../nbs/03e_model_stereo.ipynb #6b842f28
-def build_model(config: dict) -> FoundationStereoModel:
-    "Build the model from a `model` config block (preset + overrides); raises ValueError listing every problem."
-    problems = validate_model_config(config)
-    if problems: raise ValueError("invalid model config:\n  " + "\n  ".join(problems))
-    return FoundationStereoModel(resolve_model_config(config))
+def build_model(config) -> FoundationStereoModel:
+    "Build the network of a `model` block (dict, full config or resolved `ModelConfig`); raises `ConfigError` listing every problem."
+    resolved: ModelConfig = resolve_block("model", config)
+    if resolved.feature_type == "dinov2" and resolved.pretrained is None:
+        warnings.warn(f"model: building a DINOv2 {resolved.vit_size} ViT with random weights (no model.pretrained); it "
+                      "trains from scratch, which needs far more data than fine-tuning a pretrained one", stacklevel=2)
+    return FoundationStereoModel(resolved.model_dump())
 
 # %% ../../nbs/03e_model_stereo.ipynb #4dc03cf4
 def count_parameters(model: nn.Module) -> dict[str, int]:
