@@ -62,7 +62,7 @@ def _check_shapes(name: str, predictions: list[torch.Tensor], disparity: torch.T
             raise ValueError(f"{name}: prediction {i} has shape {tuple(p.shape)}; expected "
                              f"({disparity.shape[0]}, {disparity.shape[1]}, h, w) like disparity {tuple(disparity.shape)}")
 
-# %% ../nbs/04_losses.ipynb #3763e8da
+# %% ../nbs/04_losses.ipynb #28f360ee
 def _keywords(name: str, function, params: type[LossParams]) -> bool:
     "Check `function`'s keyword-only parameters against `params`; return whether it also takes `left`."
     keywords = {p.name: p for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY}

@@ -21,7 +21,7 @@ import torch
 from pydantic import ValidationError
 
 from ..io import StereoIOError
-from ..config import (Block, ConfigError, DataConfig, DatasetConfig, NonNegativeInt, PositiveInt,
+from ..config import (Block, ConfigError, DataConfig, DatasetConfig, NonNegativeInt, PositiveInt, StereoConfig,
                                format_problem, resolve_block)
 from .augment import augment
 from .datasets import SampleIndex, SamplePaths, index_dataset, read_sample
@@ -35,7 +35,8 @@ __all__ = ['BATCH_IMAGE_DTYPES', 'LOW_VALID_FRACTION', 'resolve_data', 'DataQual
 BATCH_IMAGE_DTYPES = {"float32": torch.float32, "uint8": torch.uint8}
 
 def resolve_data(config) -> DataConfig:
-    "The resolved `data` block of `config`: a `DataConfig`, a `data` block dict, or a full config dict holding one."
+    "The resolved `data` block of `config`: a `DataConfig`, a `data` block dict, or a full config (dict or resolved)."
+    if isinstance(config, StereoConfig): return config.data
     if isinstance(config, dict) and "data" in config: config = config["data"]
     return resolve_block("data", config)
 
