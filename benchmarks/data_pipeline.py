@@ -30,9 +30,9 @@ from pathlib import Path
 
 from stereo_kit.io import read_disparity, read_image, write_disparity, write_image
 from stereo_kit.data.synthetic import random_scene
-from stereo_kit.data.augment import AUGMENTATIONS
+from stereo_kit.config import AugmentationConfig
 from stereo_kit.data.datasets import find_standard_scenes
-from stereo_kit.data.loader import IMAGE_OPS, build_dataloader
+from stereo_kit.data.loader import build_dataloader
 
 
 def render_dataset(root: Path, count: int) -> Path:
@@ -76,8 +76,8 @@ def main():
     warnings.simplefilter("ignore")
     with tempfile.TemporaryDirectory() as folder:
         root = render_dataset(Path(folder) / "bench", args.samples)
-        every_op_always = {name: {"probability": 1.0} for name, op in AUGMENTATIONS.items() if op.kind != "always"}
-        config = {"datasets": [{"name": "bench", "path": str(root), "image_augmentation": list(IMAGE_OPS)}],
+        every_op_always = {name: {"probability": 1.0} for name in AugmentationConfig.model_fields}
+        config = {"datasets": [{"name": "bench", "path": str(root), "image_augmentation": AugmentationConfig.ops("image")}],
                   "image_sizes": [[640, 480]], "max_disparity": 192, "stereo_augmentation": True, "index_cache": None}
         print(f"{args.samples} rendered samples, 640×480, batch {args.batch_size}, all augmentations on"
               + (f", best of {args.repeats}" if args.repeats > 1 else ""))

@@ -62,7 +62,7 @@ def _check_shapes(name: str, predictions: list[torch.Tensor], disparity: torch.T
             raise ValueError(f"{name}: prediction {i} has shape {tuple(p.shape)}; expected "
                              f"({disparity.shape[0]}, {disparity.shape[1]}, h, w) like disparity {tuple(disparity.shape)}")
 
-# %% ../nbs/04_losses.ipynb #28f360ee
+# %% ../nbs/04_losses.ipynb #01c36a3c
 def _keywords(name: str, function, params: type[LossParams]) -> bool:
     "Check `function`'s keyword-only parameters against `params`; return whether it also takes `left`."
     keywords = {p.name: p for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY}
@@ -270,6 +270,6 @@ def build_loss(config, max_disparity: float | None = None) -> StereoLoss:
         terms[label_type] = []
         for name, term in named_terms.items():
             params = dict(term.params)
-            if params.get("max_disparity") is None: params["max_disparity"] = max_disparity
+            if "max_disparity" in params and params["max_disparity"] is None: params["max_disparity"] = max_disparity
             terms[label_type].append(WeightedTerm(label_type, name, LOSS_FUNCTIONS[term.function], term.weight, params))
     return StereoLoss(terms)

@@ -56,6 +56,9 @@ BAD_CONFIGS = [
     ("data.datasets.0.name", ["samples"], "data.datasets[0].name: expected a string, got ['samples']"),
     ("data.datasets.0.format", ["standard"], "data.datasets[0].format: expected one of 'standard'"),
     ("data.datasets.0.path", "/no/such/folder", "data.datasets[0].path: folder not found"),
+    ("data.datasets.0.path", DELETE, "data.datasets[0].path: required for format 'standard'"),
+    ("data.datasets.1", {"name": "rendered", "format": "synthetic", "path": SAMPLES},
+     "data.datasets[1].path: format 'synthetic' renders its samples; remove path"),
     ("data.datasets.0.label_type", "mono", "data.datasets[0].label_type: expected one of 'stereo', got 'mono'"),
     ("data.datasets.0.image_augmentation", ["jittering", "flip"],
      "data.datasets[0].image_augmentation[1]: expected one of ['jittering', 'eraser', 'noise', 'blur'], got 'flip'"),
@@ -169,10 +172,10 @@ def test_resolved_config_fills_every_default_once():
 
 def test_the_registries_and_the_tables_name_the_same_things():
     from stereo_kit.data.augment import AUGMENTATIONS
-    from stereo_kit.data.datasets import READERS
+    from stereo_kit.data.datasets import GENERATORS, READERS
     from stereo_kit.losses import LOSS_FUNCTIONS
     assert list(AUGMENTATIONS) == list(AugmentationConfig.model_fields)
-    assert set(READERS) == set(DATASET_FORMATS)
+    assert set(READERS) | set(GENERATORS) == set(DATASET_FORMATS)
     assert set(LOSS_FUNCTIONS) == set(LOSS_PARAMS)
 
 

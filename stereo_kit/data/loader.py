@@ -24,7 +24,7 @@ from ..io import StereoIOError
 from ..config import (Block, ConfigError, DataConfig, DatasetConfig, NonNegativeInt, PositiveInt, StereoConfig,
                                format_problem, resolve_block)
 from .augment import augment
-from .datasets import SampleIndex, SamplePaths, index_dataset, read_sample
+from .datasets import GENERATORS, SampleIndex, SamplePaths, generate_sample, index_dataset, read_sample
 
 # %% auto #0
 __all__ = ['BATCH_IMAGE_DTYPES', 'LOW_VALID_FRACTION', 'resolve_data', 'DataQualityError', 'BadSample', 'bad_sample', 'DataStats',
@@ -35,9 +35,7 @@ __all__ = ['BATCH_IMAGE_DTYPES', 'LOW_VALID_FRACTION', 'resolve_data', 'DataQual
 BATCH_IMAGE_DTYPES = {"float32": torch.float32, "uint8": torch.uint8}
 
 def resolve_data(config) -> DataConfig:
-    "The resolved `data` block of `config`: a `DataConfig`, a `data` block dict, or a full config (dict or resolved)."
-    if isinstance(config, StereoConfig): return config.data
-    if isinstance(config, dict) and "data" in config: config = config["data"]
+    "The resolved `data` block of `config` (the block, a whole config dict or `StereoConfig`, or a `DataConfig`)."
     return resolve_block("data", config)
 
 # %% ../../nbs/02d_data_loader.ipynb #0882f613
@@ -52,12 +50,14 @@ class BadSample(NamedTuple):
 
 _ROLES = {"left": "left image", "right": "right image", "disparity": "disparity", "disparity_right": "right disparity"}
 
-def bad_sample(paths: SamplePaths, error: Exception) -> BadSample:
-    "The skip of the sample at `paths` that raised `error`: a `StereoIOError` blames its file, others the left image."
+def bad_sample(paths: SamplePaths | str, error: Exception) -> BadSample:
+    "The skip of the sample at `paths` (a rendered one: its dataset, `<format>:<name>`) that raised `error`."
+    kind = type(error).__name__
+    if isinstance(paths, str):
+        return BadSample(paths, kind, f"{paths}: {kind} while rendering or augmenting a sample: {error}")
     if isinstance(error, StereoIOError):
         role = next((name for key, name in _ROLES.items() if getattr(paths, key) == error.path), "file")
         return BadSample(str(error.path), f"StereoIOError in a {role}", str(error))
-    kind = type(error).__name__
     return BadSample(str(paths.left), kind, f"{paths.left}: {kind} while reading or augmenting this sample: {error}")
 
 # %% ../../nbs/02d_data_loader.ipynb #c6514e94
@@ -125,8 +125,8 @@ def _to_tensors(sample: dict, max_disparity: float) -> dict:
                 ground_truth_fraction=float(known.mean()), ground_truth_range=known_range)
 
 class StereoMixture(torch.utils.data.Dataset):
-    "Datasets mixed by weight; item `(step, slot, (W, H))` is one augmented sample (tensors + provenance)."
-    def __init__(self, data: DataConfig, indexes: list[SampleIndex], seed: int, max_attempts: int = 10):
+    "Datasets mixed by weight (None: a procedural one); item `(step, slot, (W, H))` is one augmented sample + provenance."
+    def __init__(self, data: DataConfig, indexes: list[SampleIndex | None], seed: int, max_attempts: int = 10):
         self.data, self.indexes, self.seed, self.max_attempts = data, indexes, seed, max_attempts
         weights = np.array([entry.weight for entry in data.datasets], np.float64)
         self.probabilities = weights / weights.sum()
@@ -134,12 +134,22 @@ class StereoMixture(torch.utils.data.Dataset):
     @property
     def indexed_samples(self) -> int:
         "Samples in the indexes; the mixture itself is an endless stream and has no length."
-        return sum(len(index.samples) for index in self.indexes)
+        return sum(len(index.samples) for index in self.indexes if index is not None)
 
-    def draw(self, rng: np.random.Generator):
-        "Pick a dataset by weight, then a sample of it uniformly."
+    def draw(self, rng: np.random.Generator) -> tuple[int, SamplePaths | None]:
+        "Pick a dataset by weight, then a sample of it uniformly (None for a procedural dataset: it renders one)."
         dataset = int(rng.choice(len(self.indexes), p=self.probabilities))
-        return dataset, self.indexes[dataset].samples[int(rng.integers(len(self.indexes[dataset].samples)))]
+        index = self.indexes[dataset]
+        return dataset, None if index is None else index.samples[int(rng.integers(len(index.samples)))]
+
+    def _load(self, entry: DatasetConfig, paths: SamplePaths | None, rng: np.random.Generator) -> tuple[dict, dict]:
+        "The drawn sample and its provenance: its files, or for a procedural dataset `<format>:<name>:<seed>`."
+        if paths is not None:
+            return read_sample(paths, self.data.max_image_pixels), dict(
+                left_path=str(paths.left), right_path=str(paths.right), disparity_path=str(paths.disparity))
+        sample = generate_sample(entry.format, rng, entry.options)
+        source = f"{entry.format}:{entry.name}:{sample.pop('seed')}"
+        return sample, dict(left_path=source, right_path=source, disparity_path=source)
 
     def __getitem__(self, item) -> dict:
         step, slot, size = item
@@ -148,16 +158,15 @@ class StereoMixture(torch.utils.data.Dataset):
             dataset, paths = self.draw(rng)
             entry = self.data.datasets[dataset]
             try:
-                sample = read_sample(paths, self.data.max_image_pixels)
+                sample, provenance = self._load(entry, paths, rng)
                 source_size = (sample["left"].shape[1], sample["left"].shape[0])
                 sample = augment(sample, rng, size, entry.image_augmentation, self.data.stereo_augmentation,
                                  self.data.augmentation, right_disparity=False)
             except Exception as error:          # whatever one sample raises is that sample's fault: count, replace
-                bad.append(bad_sample(paths, error))
+                bad.append(bad_sample(f"{entry.format}:{entry.name}" if paths is None else paths, error))
                 continue
             return {**_to_tensors(sample, self.data.max_disparity), "dataset": entry.name,
-                    "label_type": entry.label_type, "left_path": str(paths.left), "right_path": str(paths.right),
-                    "disparity_path": str(paths.disparity), "source_size": source_size, "bad": bad}
+                    "label_type": entry.label_type, **provenance, "source_size": source_size, "bad": bad}
         raise DataQualityError(f"step {step}, slot {slot}: {self.max_attempts} samples in a row were unusable; "
                                f"last: {bad[-1].message}")
 
@@ -224,8 +233,11 @@ def _default_workers() -> int:
 
 def _process_batches(mixture, sampler, num_workers: int, prefetch: int, pin_memory: bool):
     workers = dict(worker_init_fn=_worker_init, prefetch_factor=prefetch, persistent_workers=True) if num_workers else {}
+    # its own generator: otherwise the DataLoader draws its workers' base seed from torch's global RNG, and a resumed
+    # run's global RNG would be one draw ahead of the uninterrupted run's (our samples never use that seed)
     loader = torch.utils.data.DataLoader(mixture, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                                         pin_memory=pin_memory, **workers)
+                                         pin_memory=pin_memory, generator=torch.Generator().manual_seed(sampler.seed),
+                                         **workers)
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)                       # workers are forked here: no live OpenCV pool may be copied into them
     try: batches = iter(loader)
@@ -246,8 +258,9 @@ def _thread_batches(mixture, sampler, num_workers: int, prefetch: int, pin_memor
 _LOADERS = {"process": _process_batches, "thread": _thread_batches}
 
 # %% ../../nbs/02d_data_loader.ipynb #3e1db345
-def index_entry(entry: DatasetConfig, data: DataConfig) -> SampleIndex:
-    "The sample index of one dataset entry of a resolved `data` block, through its `index_cache`."
+def index_entry(entry: DatasetConfig, data: DataConfig) -> SampleIndex | None:
+    "The sample index of one dataset entry of a resolved `data` block, through its `index_cache`; None if procedural."
+    if entry.format in GENERATORS: return None
     cache = None if data.index_cache is None else Path(data.index_cache).expanduser()
     return index_dataset(entry.path, entry.format, entry.options, entry.name, cache)
 
@@ -306,8 +319,9 @@ class StereoBatches:
         self.mixture = StereoMixture(self.data, self.indexes, seed)
         self.sampler = StepBatchSampler(batch_size, seed, self.data.image_sizes, rank, world_size, start_step)
 
-    def _index(self, entry: DatasetConfig) -> SampleIndex:
+    def _index(self, entry: DatasetConfig) -> SampleIndex | None:
         index = index_entry(entry, self.data)
+        if index is None: return None             # a procedural dataset: no files, so nothing to index or to check
         if index.problems:
             warnings.warn(f"dataset {entry.name!r}: {len(index.problems)} problem(s) while indexing, their files "
                           f"skipped; e.g. {index.problems[0]}", stacklevel=3)
