@@ -14,7 +14,7 @@ import torch
 from .io import write_disparity, write_image, write_kitti_png, write_pfm
 
 # %% auto #0
-__all__ = ['FAKE_FORMATS', 'make_fake_dataset', 'example_batch']
+__all__ = ['FAKE_FORMATS', 'BATCH_TENSORS', 'make_fake_dataset', 'example_batch', 'take', 'assert_same_batches']
 
 # %% ../nbs/00a_testing.ipynb #abbd1a53
 FAKE_FORMATS = ("standard", "sceneflow", "kitti2015", "kitti2012", "middlebury", "middlebury2014", "middeval3", "eth3d")
@@ -72,3 +72,17 @@ def example_batch(seed: int = 0, batch: int = 2, height: int = 6, width: int = 8
     prediction = disparity.nan_to_num(5.0, 5.0) + torch.randn(batch, 1, height, width, generator=generator) * 2
     left = torch.rand(batch, 3, height, width, generator=generator) * 255
     return dict(prediction=prediction, disparity=disparity, valid=valid, left=left)
+
+# %% ../nbs/00a_testing.ipynb #44e2377e
+BATCH_TENSORS = ("left", "right", "disparity", "valid")
+
+def take(batches, count: int) -> list[dict]:
+    "The first `count` batches of an iterable of batches."
+    stream = iter(batches)
+    return [next(stream) for _ in range(count)]
+
+def assert_same_batches(expected: list[dict], actual: list[dict]):
+    "Require the same steps, samples and datasets, and bit-identical image, disparity and valid tensors."
+    for a, b in zip(expected, actual, strict=True):
+        assert a["step"] == b["step"] and a["left_path"] == b["left_path"] and a["dataset"] == b["dataset"]
+        for key in BATCH_TENSORS: assert torch.equal(a[key], b[key]), (a["step"], key)

@@ -2,7 +2,6 @@
 `validate_config` and from `stereo-kit check-data --config`; nothing bad reaches numpy or torch."""
 from __future__ import annotations
 
-import copy
 import json
 import math
 import subprocess

@@ -13,9 +13,9 @@ import torch
 from stereo_kit.config import Scale
 from stereo_kit.data.augment import as_sample, horizontal_flip, random_scale, stereo_agreement
 from stereo_kit.data.loader import DataQualityError, build_dataloader
+from stereo_kit.testing import assert_same_batches, take
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
-TENSORS = ("left", "right", "disparity", "valid")
 
 
 def config_for(data_samples, **extra):
@@ -24,17 +24,6 @@ def config_for(data_samples, **extra):
                          {"name": "all", "path": str(data_samples), "weight": 1,
                           "image_augmentation": ["jittering", "eraser", "noise", "blur"]}],
             "image_sizes": [[320, 256], [256, 192]], "max_disparity": 64, "index_cache": None, **extra}
-
-
-def take(loader, count):
-    stream = iter(loader)
-    return [next(stream) for _ in range(count)]
-
-
-def assert_same_batches(expected, actual):
-    for a, b in zip(expected, actual, strict=True):
-        assert a["step"] == b["step"] and a["left_path"] == b["left_path"] and a["dataset"] == b["dataset"]
-        for key in TENSORS: assert torch.equal(a[key], b[key]), (a["step"], key)
 
 
 @pytest.mark.parametrize("worker_type", ["process", "thread"])

@@ -8,10 +8,8 @@ import socket
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from stereo_kit.models.padder import InputPadder
 from stereo_kit.models.features import build_vit

@@ -13,8 +13,8 @@ from stereo_kit.data.augment import stereo_agreement
 from stereo_kit.data.datasets import generate_sample
 from stereo_kit.data.loader import build_dataloader, slot_rng
 from stereo_kit.data.synthetic import synthetic_sample, synthetic_scene
+from stereo_kit.testing import assert_same_batches, take
 
-TENSORS = ("left", "right", "disparity", "valid")
 RENDERED = {"name": "scenes", "format": "synthetic", "weight": 3, "image_augmentation": ["jittering", "noise"],
             "options": {"size": [320, 256], "max_disparity": 48}}
 
@@ -24,17 +24,6 @@ def config_for(data_samples, **extra):
     return {"datasets": [{"name": "motorcycle", "path": str(data_samples / "middlebury_motorcycle"), "weight": 1},
                          RENDERED],
             "image_sizes": [[256, 192]], "max_disparity": 64, "index_cache": None, **extra}
-
-
-def take(loader, count):
-    stream = iter(loader)
-    return [next(stream) for _ in range(count)]
-
-
-def assert_same_batches(expected, actual):
-    for a, b in zip(expected, actual, strict=True):
-        assert a["step"] == b["step"] and a["left_path"] == b["left_path"] and a["dataset"] == b["dataset"]
-        for key in TENSORS: assert torch.equal(a[key], b[key]), (a["step"], key)
 
 
 def test_the_same_seed_step_and_slot_give_the_same_batch(data_samples):

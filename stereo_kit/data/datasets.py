@@ -22,8 +22,7 @@ from typing import Callable
 import numpy as np
 from pydantic import ValidationError
 
-from ..io import (IMAGE_SUFFIXES, StereoIOError, _write_atomic, read_disparity, read_image,
-                           write_disparity, write_image, write_kitti_png, write_pfm)
+from ..io import IMAGE_SUFFIXES, StereoIOError, _write_atomic, read_disparity, read_image
 from ..config import (DATASET_FORMATS, ConfigError, FormatOptions, Kitti2012Options, Kitti2015Options,
                                SceneFlowOptions, format_problem)
 from .synthetic import synthetic_sample

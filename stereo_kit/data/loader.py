@@ -21,7 +21,7 @@ import torch
 from pydantic import ValidationError
 
 from ..io import StereoIOError
-from ..config import (Block, ConfigError, DataConfig, DatasetConfig, NonNegativeInt, PositiveInt, StereoConfig,
+from ..config import (Block, ConfigError, DataConfig, DatasetConfig, NonNegativeInt, PositiveInt,
                                format_problem, resolve_block)
 from .augment import augment
 from .datasets import GENERATORS, SampleIndex, SamplePaths, generate_sample, index_dataset, read_sample
