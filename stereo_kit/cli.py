@@ -125,7 +125,7 @@ def train(config_file: Path, workspace: Path, **options):
 
 main.add_command(train)
 
-# %% ../nbs/09_cli.ipynb #c0dba41e
+# %% ../nbs/09_cli.ipynb #57a0f1d5
 def _load_model(checkpoint: Path):
     from stereo_kit.models import load_weights
     from stereo_kit.io import StereoIOError
@@ -151,7 +151,7 @@ def eval_command(checkpoint: Path, config_file: Path, as_json: bool, sgbm: bool)
     results = {checkpoint.name: evaluate(lambda left, right: predict_disparity(model, left, right), config.eval.datasets,
                                          max_disparity, progress=True)}
     if sgbm:
-        results["SGBM"] = evaluate(lambda left, right: sgbm_disparity(left, right, max_disparity), config.eval.datasets,
+        results["StereoSGBM"] = evaluate(lambda left, right: sgbm_disparity(left, right, max_disparity), config.eval.datasets,
                                    max_disparity)
     click.echo(json.dumps(results, indent=2) if as_json else format_results(results))
 
