@@ -102,7 +102,7 @@ def _train_options(command):
                                show_default=True, help=field.metadata["help"])(command)
     return command
 
-# %% ../nbs/09_cli.ipynb #62dca6c5
+# %% ../nbs/09_cli.ipynb #96bd8414
 from .train.options import DEFAULT_CONFIG, DEFAULT_WORKSPACE
 
 @click.command("train", context_settings={"help_option_names": ["-h", "--help"]})
@@ -114,14 +114,15 @@ from .train.options import DEFAULT_CONFIG, DEFAULT_WORKSPACE
 def train(config_file: Path, workspace: Path, **options):
     "Train a stereo model (the spec's scripts/train.py; run it under `accelerate launch` for several GPUs)."
     from stereo_kit.config import ConfigError
+    from stereo_kit.data.loader import DataQualityError
     from stereo_kit.io import StereoIOError
-    from stereo_kit.train.trainer import Trainer
+    from stereo_kit.train.trainer import LaunchError, NonFiniteError, Trainer
     config = _read_config(config_file)
     try: trainer = Trainer(config, workspace, **options)
     except ConfigError as error: _fail_with_problems(config_file, error.problems)
     except ValueError as error: raise click.UsageError(str(error))
-    try: trainer.fit()
-    except StereoIOError as error: raise click.ClickException(str(error))
+    try: trainer.fit()           # the failures a user can act on end with their message, not a traceback
+    except (StereoIOError, LaunchError, NonFiniteError, DataQualityError) as error: raise click.ClickException(str(error))
 
 main.add_command(train)
 

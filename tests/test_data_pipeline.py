@@ -99,8 +99,7 @@ def test_check_data_with_the_quickstart_config():
     lines = result.stdout.splitlines()
     assert lines[0].split()[:2] == ["dataset", "samples"]
     rows = {line.split()[0]: line.split() for line in lines[1:] if line.strip()}
-    assert rows["middlebury_motorcycle"][1:3] == ["4", "448×320"] and rows["middlebury_motorcycle"][-2:] == ["7.2", "%"]
-    assert rows["data_samples"][1] == "10"
+    assert rows["synthetic"][1:3] == ["8", "448×320"] and rows["synthetic"][-2:] == ["0.0", "%"]   # 8 rendered samples
 
 
 def test_check_data_config_reports_every_problem(tmp_path, data_samples):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import copy
 import json
+import math
 import os
 import random
 import re
@@ -506,3 +507,15 @@ def test_mlflow_logs_and_resumed_run_continues_the_same_run(tmp_path):
     logged = client.get_metric_history(run_id, "loss/total")
     assert sorted(m.step for m in logged) == [1, 2, 3, 4]
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_mixed_precision_trains_with_the_configured_dtype(tmp_path, dtype):
+    "`--enable_mixed_precision true` trains under autocast in train.mixed_precision_dtype; the loss stays float32."
+    run = trainer(tiny_config(train={"mixed_precision_dtype": dtype}), tmp_path / "ws", num_iterations=2,
+                  enable_mixed_precision=True, save_every=0)
+    before = {name: value.clone() for name, value in run.build().unwrapped.state_dict().items()}
+    run.fit()
+    assert run.accelerator.mixed_precision == dtype
+    assert all(math.isfinite(row["loss/total"]) for row in run.history) and run.skipped_steps == 0
+    assert any(not torch.equal(before[name], value) for name, value in run.unwrapped.state_dict().items())

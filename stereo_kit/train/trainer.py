@@ -37,7 +37,7 @@ from .utils import build_optimizer, build_scheduler
 from ..viz import stereo_panel
 
 # %% auto #0
-__all__ = ['StopRequest', 'NonFiniteError', 'Trainer']
+__all__ = ['StopRequest', 'NonFiniteError', 'LaunchError', 'Trainer']
 
 # %% ../../nbs/06e_train_trainer.ipynb #dd6d0e0a
 class StopRequest:
@@ -58,11 +58,14 @@ class StopRequest:
     def __exit__(self, *exc):
         for number, handler in self._previous.items(): signal.signal(number, handler)
 
-# %% ../../nbs/06e_train_trainer.ipynb #792706e3
+# %% ../../nbs/06e_train_trainer.ipynb #bb993fa4
 class NonFiniteError(RuntimeError):
     "Too many steps in a row had a non-finite loss or gradient."
 
 def _finite(value) -> bool: return bool(torch.isfinite(torch.as_tensor(value)).all())
+
+class LaunchError(RuntimeError):
+    "The processes of a run were not launched as one distributed run."
 
 # %% ../../nbs/06e_train_trainer.ipynb #79ce2beb
 class Trainer:
@@ -78,7 +81,7 @@ class Trainer:
         self.history: list[dict] = []          # every logged row, for notebooks and tests
         self.accelerator = None
 
-# %% ../../nbs/06e_train_trainer.ipynb #98f81548
+# %% ../../nbs/06e_train_trainer.ipynb #06891cb6
 @patch
 def _mixed_precision(self: Trainer) -> str:
     if not self.options.enable_mixed_precision: return "no"
@@ -95,7 +98,7 @@ def build(self: Trainer):
                                    gradient_accumulation_steps=options.gradient_accumulation_steps)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and self.accelerator.num_processes == 1:
-        raise RuntimeError(f"launched as one of {launched} processes (WORLD_SIZE), but accelerate set up a single-process "
+        raise LaunchError(f"launched as one of {launched} processes (WORLD_SIZE), but accelerate set up a single-process "
                            "run, so each process would train alone; on a machine without GPUs set "
                            "ACCELERATE_USE_CPU=true (torchrun) or use `accelerate launch --cpu ...`")
     torch.manual_seed(options.seed)
