@@ -102,7 +102,7 @@ def _train_options(command):
                                show_default=True, help=field.metadata["help"])(command)
     return command
 
-# %% ../nbs/09_cli.ipynb #96bd8414
+# %% ../nbs/09_cli.ipynb #b6c20865
 from .train.options import DEFAULT_CONFIG, DEFAULT_WORKSPACE
 
 @click.command("train", context_settings={"help_option_names": ["-h", "--help"]})
@@ -110,14 +110,21 @@ from .train.options import DEFAULT_CONFIG, DEFAULT_WORKSPACE
               type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--workspace", default=DEFAULT_WORKSPACE, show_default=True, help="Workspace directory",
               type=click.Path(file_okay=False, path_type=Path))
+@click.option("--trust_checkpoint", is_flag=True,
+              help="Load an official model.checkpoint that holds more than tensors (runs code from the file: only for "
+                   "files you trust)")
 @_train_options
-def train(config_file: Path, workspace: Path, **options):
+def train(config_file: Path, workspace: Path, trust_checkpoint: bool, **options):
     "Train a stereo model (the spec's scripts/train.py; run it under `accelerate launch` for several GPUs)."
     from stereo_kit.config import ConfigError
     from stereo_kit.data.loader import DataQualityError
     from stereo_kit.io import StereoIOError
     from stereo_kit.train.trainer import LaunchError, NonFiniteError, Trainer
     config = _read_config(config_file)
+    if trust_checkpoint:
+        if not (isinstance(config.get("model"), dict) and config["model"].get("source") == "foundation_stereo_repo"):
+            raise click.UsageError("--trust_checkpoint applies only to a model block with source 'foundation_stereo_repo'")
+        config["model"]["trust_checkpoint"] = True
     try: trainer = Trainer(config, workspace, **options)
     except ConfigError as error: _fail_with_problems(config_file, error.problems)
     except ValueError as error: raise click.UsageError(str(error))

@@ -21,16 +21,16 @@ from .io import MAX_IMAGE_PIXELS
 __all__ = ['PositiveNumber', 'NonNegativeNumber', 'Probability', 'Fraction', 'PositiveInt', 'NonNegativeInt', 'Range',
            'PositiveRange', 'NonNegativeRange', 'PositiveIntRange', 'ImageSize', 'NonEmptyString', 'MaxDisparity',
            'LOSS_PARAMS', 'LABEL_TYPES', 'LabelType', 'DEFAULT_LOSS', 'LossConfig', 'DATASET_FORMATS',
-           'PROCEDURAL_FORMATS', 'ImageOp', 'MODEL_PRESETS', 'DEFAULT_PRESET', 'VIT_SIZE_NAMES', 'SCHEDULERS',
-           'SchedulerConfig', 'ClipGradNorm', 'EmaDecay', 'BLOCKS', 'number', 'integer', 'number_range', 'Block',
-           'key_path', 'problem_message', 'format_problem', 'Params', 'HorizontalFlip', 'VerticalFlip', 'Scale',
-           'XStretch', 'VerticalShift', 'Jittering', 'Eraser', 'Noise', 'Blur', 'AugmentationConfig', 'LossParams',
-           'PixelLossParams', 'SmoothL1Params', 'MultiScaleParams', 'SequenceParams', 'GradientParams', 'LossTerm',
-           'FormatOptions', 'SceneFlowOptions', 'Kitti2015Options', 'Kitti2012Options', 'SyntheticOptions',
-           'DatasetFolder', 'DatasetConfig', 'DataConfig', 'ModelConfig', 'ParamGroup', 'OptimizerConfig',
-           'WarmupCosine', 'OneCycle', 'StepDecay', 'Constant', 'EvalDataset', 'EvalConfig', 'TrainConfig',
-           'StereoConfig', 'cross_block_problems', 'validate_config', 'ConfigError', 'resolve_config', 'resolve_block',
-           'load_config', 'config_schema']
+           'PROCEDURAL_FORMATS', 'ImageOp', 'MODEL_PRESETS', 'DEFAULT_PRESET', 'VIT_SIZE_NAMES', 'OFFICIAL_MODEL_FILE',
+           'MODEL_SOURCES', 'ModelBlock', 'SCHEDULERS', 'SchedulerConfig', 'ClipGradNorm', 'EmaDecay', 'BLOCKS',
+           'number', 'integer', 'number_range', 'Block', 'key_path', 'problem_message', 'format_problem', 'Params',
+           'HorizontalFlip', 'VerticalFlip', 'Scale', 'XStretch', 'VerticalShift', 'Jittering', 'Eraser', 'Noise',
+           'Blur', 'AugmentationConfig', 'LossParams', 'PixelLossParams', 'SmoothL1Params', 'MultiScaleParams',
+           'SequenceParams', 'GradientParams', 'LossTerm', 'FormatOptions', 'SceneFlowOptions', 'Kitti2015Options',
+           'Kitti2012Options', 'SyntheticOptions', 'DatasetFolder', 'DatasetConfig', 'DataConfig', 'ModelConfig',
+           'OfficialModelConfig', 'ParamGroup', 'OptimizerConfig', 'WarmupCosine', 'OneCycle', 'StepDecay', 'Constant',
+           'EvalDataset', 'EvalConfig', 'TrainConfig', 'StereoConfig', 'cross_block_problems', 'validate_config',
+           'ConfigError', 'resolve_config', 'resolve_block', 'load_config', 'config_schema']
 
 # %% ../nbs/01_config.ipynb #582adeec
 def _fail(expected: str):
@@ -486,6 +486,64 @@ class ModelConfig(Block):
         if problems: raise _rule_errors("ModelConfig", problems)
         return self
 
+# %% ../nbs/01_config.ipynb #395b31f3
+OFFICIAL_MODEL_FILE = "core/foundation_stereo.py"       # in the clone; defines FoundationStereo(args)
+
+class OfficialModelConfig(Block):
+    "The `model` block of a released FoundationStereo, built from the user's clone of NVlabs/FoundationStereo."
+    source: Literal["foundation_stereo_repo"]
+    repo: NonEmptyString                                 # the clone's root folder
+    checkpoint: NonEmptyString                           # e.g. pretrained_models/23-51-11/model_best_bp2.pth
+    cfg: Optional[NonEmptyString] = Field(default=None, validate_default=True)   # None: cfg.yaml beside checkpoint
+    overrides: dict[NonEmptyString, Any] = {}            # laid over the cfg's values
+    train_iters: PositiveInt = 22                        # refinement iterations while training (the paper's)
+    valid_iters: PositiveInt = 32                        # and when predicting (the demo's)
+    trust_checkpoint: bool = False                       # read a checkpoint that holds more than tensors (runs code)
+
+    @field_validator("repo")
+    @classmethod
+    def _is_clone(cls, repo, info: ValidationInfo):
+        if not _checking_paths(info): return repo
+        if not Path(repo).expanduser().is_dir(): _fail(f"folder not found (relative paths start at {Path.cwd()})")
+        if not (Path(repo).expanduser() / OFFICIAL_MODEL_FILE).is_file():
+            _fail(f"expected a clone of NVlabs/FoundationStereo: no {OFFICIAL_MODEL_FILE} in it")
+        return repo
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_exists(cls, checkpoint, info: ValidationInfo):
+        if _checking_paths(info) and not Path(checkpoint).expanduser().is_file():
+            _fail(f"file not found (relative paths start at {Path.cwd()})")
+        return checkpoint
+
+    @field_validator("cfg")
+    @classmethod
+    def _cfg_beside_checkpoint(cls, cfg, info: ValidationInfo):
+        checkpoint = info.data.get("checkpoint")
+        if cfg is None and checkpoint is None: return None        # the checkpoint's problem is already reported
+        given = cfg is not None
+        cfg = cfg if given else str(Path(checkpoint).parent / "cfg.yaml")   # resolved, so `config show` prints it
+        if _checking_paths(info) and not Path(cfg).expanduser().is_file():
+            _fail("file not found" if given else f"no cfg.yaml beside the checkpoint ({cfg}); set cfg to the "
+                  "file the checkpoint was trained with")
+        return cfg
+
+# %% ../nbs/01_config.ipynb #1709b276
+MODEL_SOURCES = {"stereo_kit": ModelConfig, "foundation_stereo_repo": OfficialModelConfig}
+
+def _model_block(value, info: ValidationInfo):
+    "Validate a model block against the model its `source` selects, with the caller's context (`check_paths`)."
+    if isinstance(value, tuple(MODEL_SOURCES.values())): return value
+    source = value.get("source", "stereo_kit") if isinstance(value, dict) else "stereo_kit"   # a preset's hints
+    if source not in MODEL_SOURCES:
+        raise _rule_errors("model", [("source", f"expected one of {list(MODEL_SOURCES)}", source)])
+    if source == "stereo_kit" and isinstance(value, dict):
+        # the default source is not kept: a preset block stays as older versions write and read it (weights files)
+        value = {key: item for key, item in value.items() if key != "source"}
+    return MODEL_SOURCES[source].model_validate(value, context=info.context)
+
+ModelBlock = Annotated[ModelConfig | OfficialModelConfig, BeforeValidator(_model_block)]
+
 # %% ../nbs/01_config.ipynb #6d7511ca
 class ParamGroup(Block):
     "Parameters whose names match `pattern` (a regular expression, `re.search`), with their own lr and weight decay."
@@ -586,10 +644,10 @@ class TrainConfig(Block):
 ClipGradNorm = Optional[PositiveNumber]
 EmaDecay = number("expected a number in (0, 1)", lambda v: 0 < v < 1, gt=0, lt=1)
 
-# %% ../nbs/01_config.ipynb #1c5b8de7
+# %% ../nbs/01_config.ipynb #b341bc57
 class StereoConfig(Block):
     "A resolved training config."
-    model: ModelConfig = ModelConfig()
+    model: ModelBlock = ModelConfig()
     data: DataConfig
     loss: LossConfig = Field(default=DEFAULT_LOSS, validate_default=True)     # resolved like a given block
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -612,7 +670,7 @@ def _validate_block(name: str, value, check_paths: bool) -> tuple[Any, list[str]
     try: return _ADAPTERS[name].validate_python(value, context={"check_paths": check_paths}), []
     except ValidationError as error: return None, [format_problem(e, (name,)) for e in error.errors()]
 
-# %% ../nbs/01_config.ipynb #9638b274
+# %% ../nbs/01_config.ipynb #bca73b89
 def _loss_limits(loss: dict) -> list[tuple[str, float]]:
     "(key path, max_disparity) of every loss term that sets one."
     return [(f"loss.{label}.{name}.params.max_disparity", term.params["max_disparity"])
@@ -623,7 +681,7 @@ def cross_block_problems(blocks: dict) -> list[str]:
     "Problems between blocks, for the blocks of `blocks` (name -> parsed block) that are present."
     model, data, loss = blocks.get("model"), blocks.get("data"), blocks.get("loss")
     problems = []
-    if model is not None and data is not None and data.max_disparity > model.max_disp:
+    if isinstance(model, ModelConfig) and data is not None and data.max_disparity > model.max_disp:
         problems.append(f"data.max_disparity: {data.max_disparity:g} exceeds model.max_disp={model.max_disp}, the "
                         f"range of the model's cost volume; lower it or raise model.max_disp")
     if data is not None and loss is not None:

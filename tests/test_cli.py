@@ -99,3 +99,12 @@ def test_predict_names_a_bad_input(tmp_path, tiny_weights, data_samples):
     result = run("predict", "--checkpoint", str(tiny_weights), str(broken),
                  str(data_samples / "middlebury_motorcycle/right/rgb/0001.jpg"), "--output", str(tmp_path / "out.png"))
     assert result.returncode == 1 and str(broken) in result.stderr and "Traceback" not in result.stderr
+
+
+def test_trust_checkpoint_applies_only_to_the_official_model(tmp_path):
+    config = {"data": {"datasets": [{"name": "synthetic", "format": "synthetic"}], "image_sizes": [[64, 48]],
+                       "max_disparity": 64}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = run("train", "--config", str(tmp_path / "config.json"), "--workspace", str(tmp_path / "ws"), "--trust_checkpoint")
+    assert result.returncode == 2 and "--trust_checkpoint applies only to a model block with source" in result.stderr
+    assert not (tmp_path / "ws").exists()

@@ -108,9 +108,20 @@ class FoundationStereoModel(nn.Module):
         return disparity[..., top // 4: top // 4 + rows, left // 4: left // 4 + cols]
 
 # %% ../../nbs/03e_model_stereo.ipynb #6b842f28
-def build_model(config) -> FoundationStereoModel:
-    "Build the network of a `model` block (dict, full config or resolved `ModelConfig`); raises `ConfigError` listing every problem."
-    resolved: ModelConfig = resolve_block("model", config)
+from ..config import OfficialModelConfig
+
+def build_model(config) -> nn.Module:
+    """Build the network of a `model` block (dict, full config or resolved block); raises `ConfigError` listing every
+    problem. A block with `source: "foundation_stereo_repo"` builds the released model from the user's clone
+    (`models.official.FoundationStereoRepo`)."""
+    # load_weights asks for no pretrained weights (`pretrained: None`): its file holds every weight, so a released
+    # model skips its checkpoint (the key belongs to the preset block only)
+    from_weights_file = isinstance(config, dict) and config.get("source") == "foundation_stereo_repo" and "pretrained" in config
+    if from_weights_file: config = {key: value for key, value in config.items() if key != "pretrained"}
+    resolved = resolve_block("model", config)
+    if isinstance(resolved, OfficialModelConfig):
+        from stereo_kit.models.official import FoundationStereoRepo    # here: it needs omegaconf and the user's clone
+        return FoundationStereoRepo(resolved, load_checkpoint=not from_weights_file)
     if resolved.feature_type == "dinov2" and resolved.pretrained is None:
         warnings.warn(f"model: building a DINOv2 {resolved.vit_size} ViT with random weights (no model.pretrained); it "
                       "trains from scratch, which needs far more data than fine-tuning a pretrained one", stacklevel=2)
