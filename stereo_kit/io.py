@@ -21,9 +21,9 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['DEPTH_UINT8_BASE', 'DEPTH_UINT8_MAX_CODE', 'MAX_IMAGE_PIXELS', 'KITTI_SCALE', 'DISPARITY_FORMATS', 'IMAGE_SUFFIXES',
-           'StereoIOError', 'decode_depth_uint8', 'encode_depth_uint8', 'read_image', 'atomic_paths', 'atomic_path',
-           'write_image', 'read_pfm', 'write_pfm', 'read_kitti_png', 'write_kitti_png', 'DisparityFormat',
-           'sniff_disparity_format', 'read_disparity', 'write_disparity', 'list_files']
+           'StereoIOError', 'error_reason', 'decode_depth_uint8', 'encode_depth_uint8', 'read_image', 'atomic_paths',
+           'atomic_path', 'write_image', 'read_pfm', 'write_pfm', 'read_kitti_png', 'write_kitti_png',
+           'DisparityFormat', 'sniff_disparity_format', 'read_disparity', 'write_disparity', 'list_files']
 
 # %% ../nbs/00_io.ipynb #5a35a76c
 class StereoIOError(ValueError):
@@ -31,6 +31,13 @@ class StereoIOError(ValueError):
     def __init__(self, path, problem: str):
         self.path, self.problem = Path(path), problem
         super().__init__(f"{path}: {problem}")
+
+# %% ../nbs/00_io.ipynb #da333733
+def error_reason(error: Exception) -> str:
+    "The line of a torch.load error that says what is wrong (its message is often a page of advice)."
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    line = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0] if lines else "")
+    return f"{type(error).__name__}: {line.removeprefix('WeightsUnpickler error: ').split('. ')[0]}"
 
 # %% ../nbs/00_io.ipynb #a0a145a0
 DEPTH_UINT8_BASE = 255
