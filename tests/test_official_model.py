@@ -24,12 +24,7 @@ SAMPLES = ROOT / "data_samples"
 FAST = dict(batch_size_forward=2, enable_mlflow=False, log_every=1, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")      # see conftest.py
 
 
 @pytest.fixture

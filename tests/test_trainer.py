@@ -54,12 +54,7 @@ def tiny_config(scenes=("rendered_planes",), eval_samples: int = 0, loss=None, m
             "train": train or {}}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")      # see conftest.py
 
 
 def trainer(config, workspace, **options):
