@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import ModelConfig, resolve_block
+from ..config import OfficialModelConfig, resolve_block
 from .padder import InputPadder
 from .features import FeatureEncoder, build_vit, normalize_image
 from .cost_volume import HybridCostVolume, CostFilter, soft_argmin
@@ -108,24 +108,21 @@ class FoundationStereoModel(nn.Module):
         return disparity[..., top // 4: top // 4 + rows, left // 4: left // 4 + cols]
 
 # %% ../../nbs/03f_model_stereo.ipynb #6b842f28
-from ..config import OfficialModelConfig
-
-def build_model(config) -> nn.Module:
+def build_model(config, pretrained: bool = True) -> nn.Module:
     """Build the network of a `model` block (dict, full config or resolved block); raises `ConfigError` listing every
     problem. A block with `source: "foundation_stereo_repo"` builds the released model from the user's clone
-    (`models.official.FoundationStereoRepo`)."""
-    # load_weights asks for no pretrained weights (`pretrained: None`): its file holds every weight, so a released
-    # model skips its checkpoint (the key belongs to the preset block only)
-    from_weights_file = isinstance(config, dict) and config.get("source") == "foundation_stereo_repo" and "pretrained" in config
-    if from_weights_file: config = {key: value for key, value in config.items() if key != "pretrained"}
-    resolved = resolve_block("model", config)
+    (`models.official.FoundationStereoRepo`). `pretrained=False` skips the pretrained weights the block names (the
+    DINOv2 folder, the released checkpoint): `load_weights` fills every weight from its own file."""
+    resolved = resolve_block("model", config, check_paths=pretrained)   # unread files need not exist here
     if isinstance(resolved, OfficialModelConfig):
         from stereo_kit.models.official import FoundationStereoRepo    # here: it needs omegaconf and the user's clone
-        return FoundationStereoRepo(resolved, load_checkpoint=not from_weights_file)
+        return FoundationStereoRepo(resolved, load_checkpoint=pretrained)
     if resolved.feature_type == "dinov2" and resolved.pretrained is None:
         warnings.warn(f"model: building a DINOv2 {resolved.vit_size} ViT with random weights (no model.pretrained); it "
                       "trains from scratch, which needs far more data than fine-tuning a pretrained one", stacklevel=2)
-    return FoundationStereoModel(resolved.model_dump())
+    model = FoundationStereoModel({**resolved.model_dump(), **({} if pretrained else {"pretrained": None})})
+    model.config["pretrained"] = resolved.pretrained          # the block as given, whatever was loaded
+    return model
 
 # %% ../../nbs/03f_model_stereo.ipynb #4dc03cf4
 def count_parameters(model: nn.Module) -> dict[str, int]:

@@ -16,7 +16,7 @@ from ..io import StereoIOError, atomic_paths, error_reason
 from .stereo import FoundationStereoModel, build_model
 
 # %% auto #0
-__all__ = ['WEIGHTS_FORMAT', 'WeightsError', 'weights_config_path', 'save_weights', 'load_weights']
+__all__ = ['WEIGHTS_FORMAT', 'WeightsError', 'weights_config_path', 'save_weights', 'read_state_dict', 'load_weights']
 
 # %% ../../nbs/03g_model_weights.ipynb #51ac6626
 WEIGHTS_FORMAT = "stereo_kit.models.v2"
@@ -44,8 +44,9 @@ def save_weights(path, model: FoundationStereoModel):
         config.write_text(json.dumps(saved, indent=2))
 
 # %% ../../nbs/03g_model_weights.ipynb #1ef108e0
-def _read_state_dict(path: Path, map_location) -> dict:
-    "The state dict in `path`, loaded with `weights_only=True` (no code in the file runs)."
+def read_state_dict(path, map_location="cpu") -> dict:
+    "The state dict in `path`, loaded with `weights_only=True` (no code in the file runs); `WeightsError` names the file."
+    path = Path(path)
     if path.suffix.lower() == ".json": raise WeightsError(path, "this is a model config; pass the weights file beside it")
     if path.is_dir(): raise WeightsError(path, "is a folder, not a file")
     if not path.is_file(): raise WeightsError(path, "file not found")
@@ -107,13 +108,12 @@ def _check_fits(path: Path, model: FoundationStereoModel, state_dict: dict):
 def load_weights(path, map_location="cpu", config: dict | None = None) -> FoundationStereoModel:
     "Rebuild a model from the weights file `path` and its config (`config`, else the one saved with the weights)."
     path = Path(path)
-    state_dict = _read_state_dict(path, map_location)
+    state_dict = read_state_dict(path, map_location)
     source = path
     if config is None: config, source = _saved_config(path, state_dict)
-    try: model = build_model({**config, "pretrained": None})      # the ViT's weights come from the state dict
+    try: model = build_model(config, pretrained=False)      # every weight, the ViT's too, comes from the state dict
     except (ValueError, TypeError, KeyError) as error:
         raise WeightsError(source, f"its model config is invalid: {error}") from None
     _check_fits(path, model, state_dict)
     model.load_state_dict(state_dict)
-    model.config["pretrained"] = config.get("pretrained")
     return model
