@@ -466,67 +466,72 @@ class ModelConfig(Block):
 
     @model_validator(mode="after")
     def _rules(self, info: ValidationInfo):
-        problems = []
-        if (self.pretrained is not None and not self.allow_download and _checking_paths(info)
-                and not Path(self.pretrained).expanduser().is_dir()):
-            problems.append(("pretrained", f"folder not found (relative paths start at {Path.cwd()}); download the "
-                             "DINOv2 weights once, or set allow_download to true", self.pretrained))
-        if len(self.hidden_dims) < self.n_gru_layers:
-            problems.append(("hidden_dims", f"expected at least n_gru_layers={self.n_gru_layers} entries", self.hidden_dims))
-        if self.feature_channels[0] % self.volume_groups:
-            problems.append(("volume_groups", f"expected a divisor of feature_channels[0]={self.feature_channels[0]}",
-                             self.volume_groups))
-        if 4 * self.filter_width % self.transformer_heads:
-            problems.append(("transformer_heads", f"expected a divisor of 4*filter_width={4 * self.filter_width}",
-                             self.transformer_heads))
-        if self.feature_type == "dinov2" and self.pretrained is None and not self.vit_trainable:
-            problems.append(("pretrained", f"a frozen DINOv2 ({self.vit_size}) with random weights gives features that "
-                             "training never fixes; set pretrained to a local DINOv2 folder, vit_trainable to true, "
-                             "or feature_type to 'cnn'", None))
-        if problems: raise _rule_errors("ModelConfig", problems)
+        if problems := _model_rules(self, _checking_paths(info)): raise _rule_errors("ModelConfig", problems)
         return self
 
-# %% ../nbs/01_config.ipynb #395b31f3
+# %% ../nbs/01_config.ipynb #7ac05a04
+def _model_rules(model: ModelConfig, check_paths: bool) -> list[tuple[str, str, Any]]:
+    "(key, what was expected, value) for each rule between the keys of a `model` block that it breaks."
+    problems = []
+    if (model.pretrained is not None and not model.allow_download and check_paths
+            and not Path(model.pretrained).expanduser().is_dir()):
+        problems.append(("pretrained", f"folder not found (relative paths start at {Path.cwd()}); download the "
+                         "DINOv2 weights once, or set allow_download to true", model.pretrained))
+    if len(model.hidden_dims) < model.n_gru_layers:
+        problems.append(("hidden_dims", f"expected at least n_gru_layers={model.n_gru_layers} entries", model.hidden_dims))
+    if model.feature_channels[0] % model.volume_groups:
+        problems.append(("volume_groups", f"expected a divisor of feature_channels[0]={model.feature_channels[0]}",
+                         model.volume_groups))
+    if 4 * model.filter_width % model.transformer_heads:
+        problems.append(("transformer_heads", f"expected a divisor of 4*filter_width={4 * model.filter_width}",
+                         model.transformer_heads))
+    if model.feature_type == "dinov2" and model.pretrained is None and not model.vit_trainable:
+        problems.append(("pretrained", f"a frozen DINOv2 ({model.vit_size}) with random weights gives features that "
+                         "training never fixes; set pretrained to a local DINOv2 folder, vit_trainable to true, "
+                         "or feature_type to 'cnn'", None))
+    return problems
+
+# %% ../nbs/01_config.ipynb #27973693
 OFFICIAL_MODEL_FILE = "core/foundation_stereo.py"       # in the clone; defines FoundationStereo(args)
 
+def _is_clone(repo: str, info: ValidationInfo) -> str:
+    "`repo`, checked (when the context asks for paths) to be a clone of NVlabs/FoundationStereo."
+    if not _checking_paths(info): return repo
+    if not Path(repo).expanduser().is_dir(): _fail(f"folder not found (relative paths start at {Path.cwd()})")
+    if not (Path(repo).expanduser() / OFFICIAL_MODEL_FILE).is_file():
+        _fail(f"expected a clone of NVlabs/FoundationStereo: no {OFFICIAL_MODEL_FILE} in it")
+    return repo
+
+def _file_exists(path: str, info: ValidationInfo) -> str:
+    "`path`, checked (when the context asks for paths) to be a file."
+    if _checking_paths(info) and not Path(path).expanduser().is_file():
+        _fail(f"file not found (relative paths start at {Path.cwd()})")
+    return path
+
+def _cfg_beside_checkpoint(cfg: str | None, info: ValidationInfo) -> str | None:
+    "The network's cfg: `cfg` as given, or the `cfg.yaml` beside the checkpoint, resolved so `config show` prints it."
+    checkpoint = info.data.get("checkpoint")
+    if cfg is None and checkpoint is None: return None        # the checkpoint's problem is already reported
+    given = cfg is not None
+    cfg = cfg if given else str(Path(checkpoint).parent / "cfg.yaml")
+    if _checking_paths(info) and not Path(cfg).expanduser().is_file():
+        _fail("file not found" if given else f"no cfg.yaml beside the checkpoint ({cfg}); set cfg to the "
+              "file the checkpoint was trained with")
+    return cfg
+
+# %% ../nbs/01_config.ipynb #078d71f1
 class OfficialModelConfig(Block):
     "The `model` block of a released FoundationStereo, built from the user's clone of NVlabs/FoundationStereo."
     source: Literal["foundation_stereo_repo"]
-    repo: NonEmptyString                                 # the clone's root folder
-    checkpoint: NonEmptyString                           # e.g. pretrained_models/23-51-11/model_best_bp2.pth
-    cfg: Optional[NonEmptyString] = Field(default=None, validate_default=True)   # None: cfg.yaml beside checkpoint
+    repo: Annotated[NonEmptyString, AfterValidator(_is_clone)]            # the clone's root folder
+    # e.g. pretrained_models/23-51-11/model_best_bp2.pth
+    checkpoint: Annotated[NonEmptyString, AfterValidator(_file_exists)]
+    # None: the cfg.yaml beside the checkpoint
+    cfg: Annotated[Optional[NonEmptyString], AfterValidator(_cfg_beside_checkpoint)] = Field(None, validate_default=True)
     overrides: dict[NonEmptyString, Any] = {}            # laid over the cfg's values
     train_iters: PositiveInt = 22                        # refinement iterations while training (the paper's)
     valid_iters: PositiveInt = 32                        # and when predicting (the demo's)
     trust_checkpoint: bool = False                       # read a checkpoint that holds more than tensors (runs code)
-
-    @field_validator("repo")
-    @classmethod
-    def _is_clone(cls, repo, info: ValidationInfo):
-        if not _checking_paths(info): return repo
-        if not Path(repo).expanduser().is_dir(): _fail(f"folder not found (relative paths start at {Path.cwd()})")
-        if not (Path(repo).expanduser() / OFFICIAL_MODEL_FILE).is_file():
-            _fail(f"expected a clone of NVlabs/FoundationStereo: no {OFFICIAL_MODEL_FILE} in it")
-        return repo
-
-    @field_validator("checkpoint")
-    @classmethod
-    def _checkpoint_exists(cls, checkpoint, info: ValidationInfo):
-        if _checking_paths(info) and not Path(checkpoint).expanduser().is_file():
-            _fail(f"file not found (relative paths start at {Path.cwd()})")
-        return checkpoint
-
-    @field_validator("cfg")
-    @classmethod
-    def _cfg_beside_checkpoint(cls, cfg, info: ValidationInfo):
-        checkpoint = info.data.get("checkpoint")
-        if cfg is None and checkpoint is None: return None        # the checkpoint's problem is already reported
-        given = cfg is not None
-        cfg = cfg if given else str(Path(checkpoint).parent / "cfg.yaml")   # resolved, so `config show` prints it
-        if _checking_paths(info) and not Path(cfg).expanduser().is_file():
-            _fail("file not found" if given else f"no cfg.yaml beside the checkpoint ({cfg}); set cfg to the "
-                  "file the checkpoint was trained with")
-        return cfg
 
 # %% ../nbs/01_config.ipynb #1709b276
 MODEL_SOURCES = {"stereo_kit": ModelConfig, "foundation_stereo_repo": OfficialModelConfig}

@@ -199,7 +199,7 @@ def read_image(path, max_pixels: int | None = None) -> np.ndarray:
     "Read a JPEG/PNG image as H×W×3 uint8 RGB (grey promoted, alpha dropped, 16-bit scaled); see `MAX_IMAGE_PIXELS`."
     return _to_rgb_uint8(path, _decode_raster(path, max_pixels))
 
-# %% ../nbs/00_io.ipynb #98cfa862
+# %% ../nbs/00_io.ipynb #eed978df
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)                # the umask can only be read by setting it: once, here, not around every write
 
@@ -218,6 +218,7 @@ def _new_temporary(target: Path) -> Path:
     os.chmod(name, mode)
     return Path(name)
 
+# %% ../nbs/00_io.ipynb #fae5d9a1
 def _fsync_file(path: Path):
     descriptor = os.open(path, os.O_RDWR)
     try: os.fsync(descriptor)
@@ -231,6 +232,7 @@ def _fsync_folder(folder: Path):
     except OSError: pass          # some network and FUSE filesystems refuse; the rename has happened all the same
     finally: os.close(descriptor)
 
+# %% ../nbs/00_io.ipynb #f55cb946
 @contextmanager
 def atomic_paths(*paths):
     "Yield one temporary path per target (a list); when the block succeeds, sync them all, then move each onto its target."
@@ -307,6 +309,8 @@ def read_pfm(path, max_pixels: int | None = None) -> np.ndarray:
     array = array.astype(np.float32)
     return array[..., 0] if channels == 1 else array
 
+
+# %% ../nbs/00_io.ipynb #fe23150d
 def write_pfm(path, array: np.ndarray, little_endian: bool = True):
     "Write float H×W or H×W×3 `array` as PFM (rows stored bottom-up, `inf` allowed)."
     source = np.asarray(array)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from pydantic import ValidationError
 
 from .config import LOSS_PARAMS, LossParams, format_problem, resolve_block
@@ -202,7 +203,7 @@ def gradient_loss(prediction, disparity, valid, *, smoothness_weight, max_dispar
 def _call(loss: LossFunction, prediction, disparity, valid, left, **params):
     return loss.function(prediction, disparity, valid, **params, **({"left": left} if loss.uses_left else {}))
 
-# %% ../nbs/04_losses.ipynb #af711eaa
+# %% ../nbs/04_losses.ipynb #dfc21609
 @dataclass(frozen=True)
 class WeightedTerm:
     "One configured term: `weight` × `loss`(prediction, disparity, valid, **params), params resolved."
@@ -219,12 +220,7 @@ class WeightedTerm:
         left = {"left": left} if self.loss.uses_left else {}
         return self.loss.compute(prediction, disparity, valid, **self.params, **left)
 
-def _select(samples, index: torch.Tensor | None):
-    "The samples `index` of a tensor, of each tensor of a list, or everything when `index` is None."
-    if index is None or samples is None: return samples
-    if isinstance(samples, torch.Tensor): return samples[index]
-    return [p[index] for p in samples]
-
+# %% ../nbs/04_losses.ipynb #02770f93
 @dataclass
 class StereoLoss:
     "The configured loss: `(prediction, disparity, valid, label_type) -> (total, {'<label>/<term>': value})`."
@@ -246,20 +242,29 @@ class StereoLoss:
         return {label: torch.tensor([i for i, l in enumerate(labels) if l == label], device=device)
                 for label in dict.fromkeys(labels)}
 
-    def __call__(self, prediction: Prediction, disparity: torch.Tensor, valid: torch.Tensor,
-                 label_type: str | Sequence[str], left: torch.Tensor | None = None):
-        "Total loss (0-dim float32) and unweighted term values; inputs (B, 1, H, W), `label_type` str or B strings."
-        batch = disparity.shape[0]
-        total, logged = 0.0, {}
-        for label, index in self._groups(label_type, batch, disparity.device).items():
-            share = 1.0 if index is None else len(index) / batch
-            sub = [_select(x, index) for x in (prediction, disparity, valid, left)]
-            for term in self.terms[label]:
-                value = term(*sub)
-                logged[term.key] = value.detach()
-                total = total + share * term.weight * value
-        return total, logged
+# %% ../nbs/04_losses.ipynb #278bd8ab
+def _select(samples, index: torch.Tensor | None):
+    "The samples `index` of a tensor, of each tensor of a list, or everything when `index` is None."
+    if index is None or samples is None: return samples
+    if isinstance(samples, torch.Tensor): return samples[index]
+    return [p[index] for p in samples]
 
+@patch
+def __call__(self: StereoLoss, prediction: Prediction, disparity: torch.Tensor, valid: torch.Tensor,
+             label_type: str | Sequence[str], left: torch.Tensor | None = None):
+    "Total loss (0-dim float32) and unweighted term values; inputs (B, 1, H, W), `label_type` str or B strings."
+    batch = disparity.shape[0]
+    total, logged = 0.0, {}
+    for label, index in self._groups(label_type, batch, disparity.device).items():
+        share = 1.0 if index is None else len(index) / batch
+        sub = [_select(x, index) for x in (prediction, disparity, valid, left)]
+        for term in self.terms[label]:
+            value = term(*sub)
+            logged[term.key] = value.detach()
+            total = total + share * term.weight * value
+    return total, logged
+
+# %% ../nbs/04_losses.ipynb #5f2dc659
 def build_loss(config, max_disparity: float | None = None) -> StereoLoss:
     "The `StereoLoss` of a config's `loss` block (full config, block, or resolved); `max_disparity`: the data's limit."
     block = resolve_block("loss", config)

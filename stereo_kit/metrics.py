@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['BAD_THRESHOLDS', 'D1_PIXELS', 'D1_FRACTION', 'SPEC_ALIASES', 'METRICS', 'REDUCTIONS', 'default_valid', 'error_sums',
@@ -79,9 +80,7 @@ def compute_metrics(prediction, disparity, valid=None, occlusion=None, max_dispa
         metrics.update({prefix + name: float(value[0]) for name, value in metrics_from_sums(sums).items()})
     return metrics
 
-# %% ../nbs/05_metrics.ipynb #f3c3a36b
-REDUCTIONS = ("pooled", "per_image")
-
+# %% ../nbs/05_metrics.ipynb #0780dec4
 class MetricAccumulator:
     "Collect per-image error sums over a dataset; `compute('pooled' | 'per_image')` gives the dataset metrics."
     def __init__(self, max_disparity: float | None = None):
@@ -107,16 +106,20 @@ class MetricAccumulator:
             sums = error_sums(prediction, disparity, mask, self.max_disparity)
             for name, value in sums.items(): self._sums.setdefault(prefix, {}).setdefault(name, []).append(value)
 
-    def compute(self, reduction: str = "pooled") -> dict[str, float]:
-        "Dataset metrics, pooled over pixels or averaged over images, plus `images` and `empty_images` counts."
-        if reduction not in REDUCTIONS: raise ValueError(f"reduction: expected one of {list(REDUCTIONS)}, got {reduction!r}")
-        result = {"images": self.images}
-        for prefix, lists in self._sums.items():
-            sums = {name: np.concatenate(values) for name, values in lists.items()}
-            evaluated = sums["pixels"] > 0
-            if reduction == "pooled": metrics = metrics_from_sums({k: v.sum() for k, v in sums.items()})
-            else: metrics = {k: v[evaluated].mean() if evaluated.any() else np.nan
-                             for k, v in metrics_from_sums(sums).items()}
-            result.update({prefix + name: float(value) for name, value in metrics.items()})
-            result[prefix + "empty_images"] = int((~evaluated).sum())
-        return result
+# %% ../nbs/05_metrics.ipynb #f604cdf3
+REDUCTIONS = ("pooled", "per_image")
+
+@patch
+def compute(self: MetricAccumulator, reduction: str = "pooled") -> dict[str, float]:
+    "Dataset metrics, pooled over pixels or averaged over images, plus `images` and `empty_images` counts."
+    if reduction not in REDUCTIONS: raise ValueError(f"reduction: expected one of {list(REDUCTIONS)}, got {reduction!r}")
+    result = {"images": self.images}
+    for prefix, lists in self._sums.items():
+        sums = {name: np.concatenate(values) for name, values in lists.items()}
+        evaluated = sums["pixels"] > 0
+        if reduction == "pooled": metrics = metrics_from_sums({k: v.sum() for k, v in sums.items()})
+        else: metrics = {k: v[evaluated].mean() if evaluated.any() else np.nan
+                         for k, v in metrics_from_sums(sums).items()}
+        result.update({prefix + name: float(value) for name, value in metrics.items()})
+        result[prefix + "empty_images"] = int((~evaluated).sum())
+    return result

@@ -55,7 +55,7 @@ def stereo_agreement(sample: dict, tolerance: float = 20.0, non_occluded: bool =
     agree, checked = agreement_map(sample, tolerance, non_occluded)
     return float(agree[checked].mean())
 
-# %% ../../nbs/02c_data_augment.ipynb #7fabc1d7
+# %% ../../nbs/02c_data_augment.ipynb #b55ce53e
 def right_disparity_from_left(disparity: np.ndarray, valid: np.ndarray,
                               max_step: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     "Forward-warp the left disparity (H×W) to the right view; return `(disparity_right, valid_right)`."
@@ -73,12 +73,23 @@ def right_disparity_from_left(disparity: np.ndarray, valid: np.ndarray,
 
 _ROWS_PER_PASS = 64
 
+# %% ../../nbs/02c_data_augment.ipynb #567f6301
 def _forward_warp_rows(zbuffer: np.ndarray, disparity: np.ndarray, target: np.ndarray, valid: np.ndarray,
                        offset: int, max_step: float):
     "Z-buffer (max) the right pixels that rows of the left view reach into flat `zbuffer`, starting at `offset`."
+    segment, slope, x_right = _splat_segment_starts(zbuffer, disparity, target, valid, offset, max_step)
+    _splat_segment_rest(zbuffer, segment, slope, x_right, disparity, target, offset)
+    _splat_lone_pixels(zbuffer, segment, disparity, target, valid, offset)
+
+def _index_type(zbuffer: np.ndarray):
+    "The integer type of indexes into flat `zbuffer` (its last slot, the trash, included)."
+    return np.int32 if zbuffer.size - 1 < 2**31 else np.int64
+
+def _splat_segment_starts(zbuffer: np.ndarray, disparity: np.ndarray, target: np.ndarray, valid: np.ndarray,
+                          offset: int, max_step: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    "Splat the first right pixel of every segment; return the segments (H×W-1 bool), their slopes and first pixels."
     height, width = disparity.shape
-    trash = zbuffer.size - 1
-    index_type = np.int32 if trash < 2**31 else np.int64
+    trash, index_type = zbuffer.size - 1, _index_type(zbuffer)
     d0, d1, t0, t1 = disparity[:, :-1], disparity[:, 1:], target[:, :-1], target[:, 1:]
     step, length = d1 - d0, t1 - t0                 # length > 0 exactly when t1 > t0 (IEEE subtraction)
     segment = np.abs(step) <= max_step
@@ -94,29 +105,44 @@ def _forward_warp_rows(zbuffer: np.ndarray, disparity: np.ndarray, target: np.nd
     values = np.subtract(x_right, t0, out=length)   # d0 + (x_right - t0) * slope, without temporaries
     values *= slope; values += d0
     np.maximum.at(zbuffer, index.ravel(), values.ravel())
+    return segment, slope, x_right
+
+# %% ../../nbs/02c_data_augment.ipynb #916c3dc6
+def _splat_segment_rest(zbuffer: np.ndarray, segment: np.ndarray, slope: np.ndarray, x_right: np.ndarray,
+                        disparity: np.ndarray, target: np.ndarray, offset: int):
+    "Splat the right pixels after the first (`x_right`) of the few segments that cover more than one."
+    width = disparity.shape[1]
+    trash, index_type = zbuffer.size - 1, _index_type(zbuffer)
+    d0, t0, t1 = disparity[:, :-1], target[:, :-1], target[:, 1:]
     longer = segment & (x_right + 1 <= t1)         # the few segments that cover more right pixels
-    if longer.any():
-        rows, columns = np.divmod(np.flatnonzero(longer), width - 1)    # as np.nonzero, several times faster
-        starts = offset + rows.astype(index_type) * width
-        t0, t1, d0, slope, x_right = (a[rows, columns] for a in (t0, t1, d0, slope, x_right))
-        while True:                                 # right pixels ceil(t0) + 1, ceil(t0) + 2, ... <= t1
-            x_right = x_right + 1
-            more = x_right <= t1
-            if not more.any(): break
-            starts, t0, t1, d0, slope, x_right = (a[more] for a in (starts, t0, t1, d0, slope, x_right))
-            inside = (x_right >= 0) & (x_right <= width - 1)
-            np.maximum.at(zbuffer, np.where(inside, starts + x_right.astype(index_type), trash),
-                          d0 + (x_right - t0) * slope)
+    if not longer.any(): return
+    rows, columns = np.divmod(np.flatnonzero(longer), width - 1)    # as np.nonzero, several times faster
+    starts = offset + rows.astype(index_type) * width
+    t0, t1, d0, slope, x_right = (a[rows, columns] for a in (t0, t1, d0, slope, x_right))
+    while True:                                     # right pixels ceil(t0) + 1, ceil(t0) + 2, ... <= t1
+        x_right = x_right + 1
+        more = x_right <= t1
+        if not more.any(): break
+        starts, t0, t1, d0, slope, x_right = (a[more] for a in (starts, t0, t1, d0, slope, x_right))
+        inside = (x_right >= 0) & (x_right <= width - 1)
+        np.maximum.at(zbuffer, np.where(inside, starts + x_right.astype(index_type), trash),
+                      d0 + (x_right - t0) * slope)
+
+def _splat_lone_pixels(zbuffer: np.ndarray, segment: np.ndarray, disparity: np.ndarray, target: np.ndarray,
+                       valid: np.ndarray, offset: int):
+    "Splat the valid pixels in no segment (no same-surface neighbour) to the nearest right pixel."
+    width = disparity.shape[1]
+    trash = zbuffer.size - 1
     in_segment = np.zeros_like(valid)
     in_segment[:, 1:] = segment
     in_segment[:, :-1] |= segment
-    lone = valid & ~in_segment                      # isolated valid pixels: splatted to the nearest right pixel
-    if lone.any():
-        lone_rows, lone_columns = np.divmod(np.flatnonzero(lone), width)
-        x_right = np.rint(target[lone_rows, lone_columns])
-        inside = (x_right >= 0) & (x_right <= width - 1)
-        np.maximum.at(zbuffer, np.where(inside, offset + lone_rows * width + x_right.astype(np.int64), trash),
-                      disparity[lone_rows, lone_columns])
+    lone = valid & ~in_segment
+    if not lone.any(): return
+    lone_rows, lone_columns = np.divmod(np.flatnonzero(lone), width)
+    x_right = np.rint(target[lone_rows, lone_columns])
+    inside = (x_right >= 0) & (x_right <= width - 1)
+    np.maximum.at(zbuffer, np.where(inside, offset + lone_rows * width + x_right.astype(np.int64), trash),
+                  disparity[lone_rows, lone_columns])
 
 # %% ../../nbs/02c_data_augment.ipynb #e7d7d7c0
 def visible_in_other_view(disparity: np.ndarray, disparity_other: np.ndarray, view: str = "left",

@@ -22,7 +22,7 @@ from .loader import bad_sample, index_entry
 __all__ = ['RENDERED_SAMPLES_CHECKED', 'SceneSummary', 'summarize_samples', 'summarize_scene', 'format_summaries',
            'summarize_rendered', 'summarize_config']
 
-# %% ../../nbs/02e_data_check.ipynb #d531f890
+# %% ../../nbs/02e_data_check.ipynb #b121c0c0
 @dataclass
 class SceneSummary:
     "What `summarize_scene` found in one scene (or `summarize_config` in one dataset)."
@@ -63,6 +63,7 @@ def summarize_samples(name: str, samples: Iterable[dict | str], problems: Iterab
         summary.disparity_percentiles = {q: float(np.percentile(values, q)) for q in (1, 50, 99)}
     return summary
 
+# %% ../../nbs/02e_data_check.ipynb #3fb9a125
 def _read_each(scene: SampleIndex, max_pixels: int | None):
     "The arrays of each sample of `scene`, or the problem that makes it unusable."
     for paths in scene.samples:

@@ -107,7 +107,7 @@ def pair_by_stem(prefix: str, folders: dict[str, Path], suffixes: dict[str, tupl
                      if stem not in files["left"]]
     return samples, problems
 
-# %% ../../nbs/02b_data_datasets.ipynb #79556ac9
+# %% ../../nbs/02b_data_datasets.ipynb #653f0326
 _STANDARD_FOLDERS = {"left": "left/rgb", "right": "right/rgb", "disparity": "left/disparity",
                      "disparity_right": "right/disparity"}
 _DISPARITY_SUFFIXES = (".png", ".pfm")
@@ -121,6 +121,7 @@ def index_standard_scene(root, name: str | None = None, prefix: str = "") -> Sam
                                      labels=_STANDARD_FOLDERS)
     return SampleIndex(name or root.name, root, samples, problems)
 
+# %% ../../nbs/02b_data_datasets.ipynb #3e2885f0
 def _walk_scenes(root: Path, is_scene: Callable[[Path], bool]) -> tuple[list[Path], list[str]]:
     "Folders at or below `root` for which `is_scene` holds, not descending into a scene, sorted; and the problems met."
     found, problems, searched = [], [], set()
@@ -141,6 +142,7 @@ def _walk_scenes(root: Path, is_scene: Callable[[Path], bool]) -> tuple[list[Pat
         else: subfolders.sort(key=lambda name: (os.path.islink(folder / name), name))   # real folders before links
     return sorted(found), problems
 
+# %% ../../nbs/02b_data_datasets.ipynb #22d61892
 def _standard_scenes(root: Path) -> tuple[list[SampleIndex], list[str]]:
     "Every scene at or below `root`, indexed, and the problems of the search."
     folders, problems = _walk_scenes(root, lambda folder: (folder / "left/rgb").is_dir())

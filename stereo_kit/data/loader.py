@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional
 import cv2
 import numpy as np
 import torch
+from fastcore.basics import patch
 from pydantic import ValidationError
 
 from ..io import StereoIOError
@@ -106,7 +107,7 @@ def slot_rng(seed: int, step: int, slot: int) -> np.random.Generator:
     "The generator that makes every random choice for one slot of one batch."
     return np.random.default_rng(np.random.SeedSequence([seed, step, slot]))
 
-# %% ../../nbs/02d_data_loader.ipynb #e5ffc4da
+# %% ../../nbs/02d_data_loader.ipynb #8bf68c56
 def _image_uint8(image: np.ndarray) -> torch.Tensor:
     "H×W×3 image (uint8, or float 0-255: rounded and saturated) -> contiguous H×W×3 uint8 tensor (no copy if it is one)."
     if image.dtype != np.uint8: image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
@@ -124,6 +125,7 @@ def _to_tensors(sample: dict, max_disparity: float) -> dict:
                 disparity=torch.from_numpy(disparity)[None], valid=torch.from_numpy(valid)[None],
                 ground_truth_fraction=float(known.mean()), ground_truth_range=known_range)
 
+# %% ../../nbs/02d_data_loader.ipynb #af805af6
 class StereoMixture(torch.utils.data.Dataset):
     "Datasets mixed by weight (None: a procedural one); item `(step, slot, (W, H))` is one augmented sample + provenance."
     def __init__(self, data: DataConfig, indexes: list[SampleIndex | None], seed: int, max_attempts: int = 10):
@@ -142,33 +144,38 @@ class StereoMixture(torch.utils.data.Dataset):
         index = self.indexes[dataset]
         return dataset, None if index is None else index.samples[int(rng.integers(len(index.samples)))]
 
-    def _load(self, entry: DatasetConfig, paths: SamplePaths | None, rng: np.random.Generator) -> tuple[dict, dict]:
-        "The drawn sample and its provenance: its files, or for a procedural dataset `<format>:<name>:<seed>`."
-        if paths is not None:
-            return read_sample(paths, self.data.max_image_pixels), dict(
-                left_path=str(paths.left), right_path=str(paths.right), disparity_path=str(paths.disparity))
-        sample = generate_sample(entry.format, rng, entry.options)
-        source = f"{entry.format}:{entry.name}:{sample.pop('seed')}"
-        return sample, dict(left_path=source, right_path=source, disparity_path=source)
+# %% ../../nbs/02d_data_loader.ipynb #50a0b406
+@patch
+def _load(self: StereoMixture, entry: DatasetConfig, paths: SamplePaths | None,
+          rng: np.random.Generator) -> tuple[dict, dict]:
+    "The drawn sample and its provenance: its files, or for a procedural dataset `<format>:<name>:<seed>`."
+    if paths is not None:
+        return read_sample(paths, self.data.max_image_pixels), dict(
+            left_path=str(paths.left), right_path=str(paths.right), disparity_path=str(paths.disparity))
+    sample = generate_sample(entry.format, rng, entry.options)
+    source = f"{entry.format}:{entry.name}:{sample.pop('seed')}"
+    return sample, dict(left_path=source, right_path=source, disparity_path=source)
 
-    def __getitem__(self, item) -> dict:
-        step, slot, size = item
-        rng, bad = slot_rng(self.seed, step, slot), []
-        for _ in range(self.max_attempts):
-            dataset, paths = self.draw(rng)
-            entry = self.data.datasets[dataset]
-            try:
-                sample, provenance = self._load(entry, paths, rng)
-                source_size = (sample["left"].shape[1], sample["left"].shape[0])
-                sample = augment(sample, rng, size, entry.image_augmentation, self.data.stereo_augmentation,
-                                 self.data.augmentation, right_disparity=False)
-            except Exception as error:          # whatever one sample raises is that sample's fault: count, replace
-                bad.append(bad_sample(f"{entry.format}:{entry.name}" if paths is None else paths, error))
-                continue
-            return {**_to_tensors(sample, self.data.max_disparity), "dataset": entry.name,
-                    "label_type": entry.label_type, **provenance, "source_size": source_size, "bad": bad}
-        raise DataQualityError(f"step {step}, slot {slot}: {self.max_attempts} samples in a row were unusable; "
-                               f"last: {bad[-1].message}")
+# %% ../../nbs/02d_data_loader.ipynb #cfe9054a
+@patch
+def __getitem__(self: StereoMixture, item) -> dict:
+    step, slot, size = item
+    rng, bad = slot_rng(self.seed, step, slot), []
+    for _ in range(self.max_attempts):
+        dataset, paths = self.draw(rng)
+        entry = self.data.datasets[dataset]
+        try:
+            sample, provenance = self._load(entry, paths, rng)
+            source_size = (sample["left"].shape[1], sample["left"].shape[0])
+            sample = augment(sample, rng, size, entry.image_augmentation, self.data.stereo_augmentation,
+                             self.data.augmentation, right_disparity=False)
+        except Exception as error:          # whatever one sample raises is that sample's fault: count, replace
+            bad.append(bad_sample(f"{entry.format}:{entry.name}" if paths is None else paths, error))
+            continue
+        return {**_to_tensors(sample, self.data.max_disparity), "dataset": entry.name,
+                "label_type": entry.label_type, **provenance, "source_size": source_size, "bad": bad}
+    raise DataQualityError(f"step {step}, slot {slot}: {self.max_attempts} samples in a row were unusable; "
+                           f"last: {bad[-1].message}")
 
 # %% ../../nbs/02d_data_loader.ipynb #c5aae205
 _TENSOR_KEYS = ("left", "right", "disparity", "valid")
@@ -289,7 +296,7 @@ def low_valid_message(step: int, batch: dict, max_disparity: float) -> str | Non
     return (f"batch {step}: only {valid:.1%} of the pixels have valid ground truth (below {LOW_VALID_FRACTION:.0%}); "
             f"likely cause: " + "; ".join(causes))
 
-# %% ../../nbs/02d_data_loader.ipynb #bf80fc30
+# %% ../../nbs/02d_data_loader.ipynb #1b177335
 class _LoaderArguments(Block):
     "The arguments of `build_dataloader` beside the data block."
     batch_size: PositiveInt
@@ -304,6 +311,7 @@ def _check_arguments(**arguments):
     except ValidationError as error:
         raise ConfigError([format_problem(e) for e in error.errors()], "build_dataloader") from None
 
+# %% ../../nbs/02d_data_loader.ipynb #4d204276
 class StereoBatches:
     "Endless stream of batches from `start_step` on; `stats` counts read and skipped samples."
     def __init__(self, data, batch_size: int, seed: int, num_workers: int | None = None, rank: int = 0,
@@ -334,27 +342,31 @@ class StereoBatches:
                                    + "\n  ".join(index.problems[:5]))
         return index
 
-    def _account(self, step: int, batch: dict):
-        self.stats.read += len(batch["left_path"])
-        for bad in batch.pop("bad"):
-            if self.stats.add_bad(bad):
-                warnings.warn(f"skipped a bad sample ({bad.reason}): {bad.message} [{self.stats.bad} so far; more "
-                              f"of this kind are counted silently in stats]", stacklevel=3)
-        tried = self.stats.read + self.stats.bad
-        if tried >= self.data.bad_check_min_samples and self.stats.bad_fraction > self.data.max_bad_fraction:
-            raise DataQualityError(f"more than data.max_bad_fraction = {self.data.max_bad_fraction:g} of the data is "
-                                   f"bad; stopping.\n{self.stats.summary()}")
-        if not self.warned_low_valid and (message := low_valid_message(step, batch, self.data.max_disparity)):
-            self.warned_low_valid = True
-            warnings.warn(message, stacklevel=3)
+# %% ../../nbs/02d_data_loader.ipynb #e396effa
+@patch
+def _account(self: StereoBatches, step: int, batch: dict):
+    self.stats.read += len(batch["left_path"])
+    for bad in batch.pop("bad"):
+        if self.stats.add_bad(bad):
+            warnings.warn(f"skipped a bad sample ({bad.reason}): {bad.message} [{self.stats.bad} so far; more "
+                          f"of this kind are counted silently in stats]", stacklevel=3)
+    tried = self.stats.read + self.stats.bad
+    if tried >= self.data.bad_check_min_samples and self.stats.bad_fraction > self.data.max_bad_fraction:
+        raise DataQualityError(f"more than data.max_bad_fraction = {self.data.max_bad_fraction:g} of the data is "
+                               f"bad; stopping.\n{self.stats.summary()}")
+    if not self.warned_low_valid and (message := low_valid_message(step, batch, self.data.max_disparity)):
+        self.warned_low_valid = True
+        warnings.warn(message, stacklevel=3)
 
-    def __iter__(self):
-        loader, pin_memory = _LOADERS[self.data.worker_type], torch.cuda.is_available()
-        batches = loader(self.mixture, self.sampler, self.num_workers, self.data.prefetch_batches, pin_memory)
-        for step, batch in enumerate(batches, self.start_step):
-            self._account(step, batch)
-            for key in ("left", "right"): batch[key] = batch_images(batch[key], self.data.batch_image_dtype, pin_memory)
-            yield {"step": step, **batch}
+# %% ../../nbs/02d_data_loader.ipynb #81bd3e4b
+@patch
+def __iter__(self: StereoBatches):
+    loader, pin_memory = _LOADERS[self.data.worker_type], torch.cuda.is_available()
+    batches = loader(self.mixture, self.sampler, self.num_workers, self.data.prefetch_batches, pin_memory)
+    for step, batch in enumerate(batches, self.start_step):
+        self._account(step, batch)
+        for key in ("left", "right"): batch[key] = batch_images(batch[key], self.data.batch_image_dtype, pin_memory)
+        yield {"step": step, **batch}
 
 # %% ../../nbs/02d_data_loader.ipynb #f7f4e3c3
 def build_dataloader(data, batch_size: int, seed: int, num_workers: int | None = None, rank: int = 0,

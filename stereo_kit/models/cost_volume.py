@@ -65,7 +65,7 @@ class AxialPlanarConv3d(nn.Module):
     def forward(self, volume):
         return self.axial(self.planar(volume))
 
-# %% ../../nbs/03c_model_cost_volume.ipynb #5ac18d04
+# %% ../../nbs/03c_model_cost_volume.ipynb #db4a7d86
 def sinusoidal_encoding(length: int, channels: int, device=None) -> torch.Tensor:
     "Sinusoidal position code (length, channels): sin on even channels, cos on odd ones."
     position = torch.arange(length, device=device, dtype=torch.float32)[:, None]
@@ -82,6 +82,7 @@ def attention(query, key, value):
         weights = scores.softmax(-1)
     return (weights.to(value.dtype) @ value)
 
+# %% ../../nbs/03c_model_cost_volume.ipynb #9f11495c
 class DisparityTransformerLayer(nn.Module):
     "Pre-norm self-attention + MLP over tokens (N, L, C)."
     def __init__(self, channels: int, heads: int):

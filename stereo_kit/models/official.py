@@ -96,8 +96,8 @@ def read_official_checkpoint(path, trust: bool = False) -> dict:
         raise OfficialModelError(path, "expected a state dict or the released format {'model': state_dict, ...}")
     return state_dict
 
-# %% ../../nbs/03e_model_official.ipynb #9a82dda8
-_STAND_IN = {
+# %% ../../nbs/03e_model_official.ipynb #4af62f58
+_STAND_IN = {                 # path in the clone -> its text
     "core/__init__.py": "",
     "Utils.py": """
 import torch
@@ -109,7 +109,11 @@ def disparity_regression(probability, max_disp):
     values = torch.arange(max_disp, dtype=probability.dtype, device=probability.device).view(1, max_disp, 1, 1)
     return (probability * values).sum(1, keepdim=True)
 """,
-    "core/foundation_stereo.py": """
+}
+_STAND_IN_CFG = "feature_dim: 16\nhidden_dims: [32, 32, 32]\nmax_disp: 64\nn_gru_layers: 1\nmixed_precision: false\n"
+
+# %% ../../nbs/03e_model_official.ipynb #d8077b35
+_STAND_IN["core/foundation_stereo.py"] = """
 import os, sys
 code_dir = os.path.dirname(os.path.realpath(__file__))
 sys.path.append(f'{code_dir}/../')            # as the official files do
@@ -124,7 +128,10 @@ class Feature(nn.Module):
         self.layers = nn.Sequential(nn.Conv2d(3, c, 3, 2, 1), nn.ReLU(), nn.Conv2d(c, c, 3, 2, 1), nn.ReLU(),
                                     nn.Conv2d(c, c, 3, 1, 1))
     def forward(self, x): return self.layers(x)
+"""
 
+# %% ../../nbs/03e_model_official.ipynb #95ea09b7
+_STAND_IN["core/foundation_stereo.py"] += """
 class FoundationStereo(nn.Module):
     def __init__(self, args):
         super().__init__()
@@ -154,10 +161,9 @@ class FoundationStereo(nn.Module):
             disp_preds.append(4 * F.interpolate(disp, scale_factor=4, mode='bilinear', align_corners=False))
         if test_mode: return disp_preds[-1]
         return init_disp, disp_preds
-""",
-}
-_STAND_IN_CFG = "feature_dim: 16\nhidden_dims: [32, 32, 32]\nmax_disp: 64\nn_gru_layers: 1\nmixed_precision: false\n"
+"""
 
+# %% ../../nbs/03e_model_official.ipynb #14cdab18
 def write_stand_in_clone(folder, seed: int = 0) -> dict:
     "Write a stand-in FoundationStereo clone and checkpoint under `folder`; returns the model block that uses them."
     folder = Path(folder)

@@ -9,6 +9,7 @@ import warnings
 
 import torch
 import torch.nn as nn
+from fastcore.basics import patch
 from torch.utils.checkpoint import checkpoint
 
 from ..config import OfficialModelConfig, resolve_block
@@ -34,7 +35,7 @@ class ContextHeads(nn.Module):
             hidden.append(torch.tanh(h)); context.append((cz, cr, cq))
         return hidden, context
 
-# %% ../../nbs/03f_model_stereo.ipynb #a77ccb5b
+# %% ../../nbs/03f_model_stereo.ipynb #597841fc
 class FoundationStereoModel(nn.Module):
     "FoundationStereo-style stereo network; build it with `build_model(config)`."
     def __init__(self, config: dict):
@@ -54,58 +55,65 @@ class FoundationStereoModel(nn.Module):
         self.update = MultiLevelUpdate(hidden_dims, lookup_channels, c["motion_channels"])
         self.gradient_checkpointing = False
 
-    def enable_gradient_checkpointing(self, enabled: bool = True):
-        "Recompute features, cost filtering and each GRU iteration in backward instead of storing activations."
-        self.gradient_checkpointing = self.features.gradient_checkpointing = enabled
-        return self
+# %% ../../nbs/03f_model_stereo.ipynb #ade9f2b1
+@patch
+def enable_gradient_checkpointing(self: FoundationStereoModel, enabled: bool = True):
+    "Recompute features, cost filtering and each GRU iteration in backward instead of storing activations."
+    self.gradient_checkpointing = self.features.gradient_checkpointing = enabled
+    return self
 
-    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        "Trainable parameters by group: 'vit' (the foundation ViT, empty when frozen) and 'rest'."
-        vit = {id(p) for p in self.features.vit.parameters()} if self.features.vit is not None else set()
-        trainable = [(p, id(p) in vit) for p in self.parameters() if p.requires_grad]
-        return {"vit": [p for p, is_vit in trainable if is_vit], "rest": [p for p, is_vit in trainable if not is_vit]}
+@patch
+def _run(self: FoundationStereoModel, function, *args):
+    if self.gradient_checkpointing and torch.is_grad_enabled():
+        return checkpoint(function, *args, use_reentrant=False)
+    return function(*args)
 
-    def _run(self, function, *args):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(function, *args, use_reentrant=False)
-        return function(*args)
+# %% ../../nbs/03f_model_stereo.ipynb #55f222f1
+@patch
+def parameter_groups(self: FoundationStereoModel) -> dict[str, list[nn.Parameter]]:
+    "Trainable parameters by group: 'vit' (the foundation ViT, empty when frozen) and 'rest'."
+    vit = {id(p) for p in self.features.vit.parameters()} if self.features.vit is not None else set()
+    trainable = [(p, id(p) in vit) for p in self.parameters() if p.requires_grad]
+    return {"vit": [p for p, is_vit in trainable if is_vit], "rest": [p for p, is_vit in trainable if not is_vit]}
 
-    def _iteration(self, hidden, context, lookup, disparity):
-        hidden, delta, mask = self.update(hidden, context, lookup(disparity), disparity)
-        return hidden, disparity + delta, mask
+# %% ../../nbs/03f_model_stereo.ipynb #a148e51d
+def _unpad_low_resolution(padder: InputPadder, disparity: torch.Tensor) -> torch.Tensor:
+    "Crop a 1/4-resolution map of the padded frame to the cells covering the original image."
+    left, _, top, _ = padder.pad
+    rows, cols = -(-padder.height // 4), -(-padder.width // 4)
+    return disparity[..., top // 4: top // 4 + rows, left // 4: left // 4 + cols]
 
-    def forward(self, left: torch.Tensor, right: torch.Tensor, iters: int | None = None,
-                return_low_resolution: bool = False):
-        "left, right: (B, 3, H, W) float 0-255 RGB. Train: list of (B, 1, H, W) disparities; eval: the final one."
-        if left.dim() != 4 or left.shape[1] != 3 or left.shape != right.shape:
-            raise ValueError(f"expected left and right images of one shape (B, 3, H, W), got {tuple(left.shape)} and "
-                             f"{tuple(right.shape)}")
-        if iters is None: iters = self.config["train_iters"] if self.training else self.config["valid_iters"]
-        batch = left.shape[0]
-        padder = InputPadder(left.shape, divis_by=32)
-        left, right = padder.pad_tensors(left, right)
-        levels = self.features(normalize_image(torch.cat([left, right])))
-        left4, right4 = levels[0][:batch], levels[0][batch:]
-        geometry, cost = self._run(self.cost_filter, self.cost_volume(left4, right4))
-        disparity = soft_argmin(cost)                                  # 1/4-resolution pixels
-        hidden, context = self.context([level[:batch] for level in levels])
-        lookup = CorrelationLookup(left4, right4, geometry, self.config["corr_levels"], self.config["corr_radius"],
-                                   self.config["correlation_implementation"])
-        predictions = [padder.unpad(convex_upsample(disparity, self.update.mask_head(hidden[0])))]
-        for iteration in range(iters):
-            # RAFT-style: each update sees the previous estimate as a constant, so gradients stay per-iteration
-            hidden, disparity, mask = self._run(self._iteration, hidden, context, lookup, disparity.detach())
-            if self.training or iteration == iters - 1: predictions.append(padder.unpad(convex_upsample(disparity, mask)))
-        if self.training: return predictions
-        if not return_low_resolution: return predictions[-1]
-        return predictions[-1], self._unpad_low_resolution(padder, 4 * disparity)
+@patch
+def _iteration(self: FoundationStereoModel, hidden, context, lookup, disparity):
+    hidden, delta, mask = self.update(hidden, context, lookup(disparity), disparity)
+    return hidden, disparity + delta, mask
 
-    @staticmethod
-    def _unpad_low_resolution(padder, disparity):
-        "Crop a 1/4-resolution map of the padded frame to the cells covering the original image."
-        left, _, top, _ = padder.pad
-        rows, cols = -(-padder.height // 4), -(-padder.width // 4)
-        return disparity[..., top // 4: top // 4 + rows, left // 4: left // 4 + cols]
+@patch
+def forward(self: FoundationStereoModel, left: torch.Tensor, right: torch.Tensor, iters: int | None = None,
+            return_low_resolution: bool = False):
+    "left, right: (B, 3, H, W) float 0-255 RGB. Train: list of (B, 1, H, W) disparities; eval: the final one."
+    if left.dim() != 4 or left.shape[1] != 3 or left.shape != right.shape:
+        raise ValueError(f"expected left and right images of one shape (B, 3, H, W), got {tuple(left.shape)} and "
+                         f"{tuple(right.shape)}")
+    if iters is None: iters = self.config["train_iters"] if self.training else self.config["valid_iters"]
+    batch = left.shape[0]
+    padder = InputPadder(left.shape, divis_by=32)
+    left, right = padder.pad_tensors(left, right)
+    levels = self.features(normalize_image(torch.cat([left, right])))
+    left4, right4 = levels[0][:batch], levels[0][batch:]
+    geometry, cost = self._run(self.cost_filter, self.cost_volume(left4, right4))
+    disparity = soft_argmin(cost)                                  # 1/4-resolution pixels
+    hidden, context = self.context([level[:batch] for level in levels])
+    lookup = CorrelationLookup(left4, right4, geometry, self.config["corr_levels"], self.config["corr_radius"],
+                               self.config["correlation_implementation"])
+    predictions = [padder.unpad(convex_upsample(disparity, self.update.mask_head(hidden[0])))]
+    for iteration in range(iters):
+        # RAFT-style: each update sees the previous estimate as a constant, so gradients stay per-iteration
+        hidden, disparity, mask = self._run(self._iteration, hidden, context, lookup, disparity.detach())
+        if self.training or iteration == iters - 1: predictions.append(padder.unpad(convex_upsample(disparity, mask)))
+    if self.training: return predictions
+    if not return_low_resolution: return predictions[-1]
+    return predictions[-1], _unpad_low_resolution(padder, 4 * disparity)
 
 # %% ../../nbs/03f_model_stereo.ipynb #6b842f28
 def build_model(config, pretrained: bool = True) -> nn.Module:

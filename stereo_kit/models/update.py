@@ -9,12 +9,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 
 from .features import upcast
 
 # %% auto #0
 __all__ = ['CORRELATION_IMPLEMENTATIONS', 'linear_sample', 'avg_pool_last', 'CorrelationLookup', 'ConvGRU', 'convex_upsample',
-           'pool2x', 'resize_to', 'MotionEncoder', 'MultiLevelUpdate', 'MaskHead']
+           'pool2x', 'resize_to', 'MotionEncoder', 'MaskHead', 'MultiLevelUpdate']
 
 # %% ../../nbs/03d_model_update.ipynb #3334e388
 def linear_sample(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -33,7 +34,7 @@ def linear_sample(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor
 
     return take(left_index) * (1 - right_weight) + take(left_index + 1) * right_weight
 
-# %% ../../nbs/03d_model_update.ipynb #7f0c3506
+# %% ../../nbs/03d_model_update.ipynb #56ccf0e3
 CORRELATION_IMPLEMENTATIONS = ("reg", "alt")
 
 def avg_pool_last(x: torch.Tensor) -> torch.Tensor:
@@ -62,27 +63,31 @@ class CorrelationLookup:
                 for _ in range(levels - 1): self.pyramid.append(avg_pool_last(self.pyramid[-1]))
         self.offsets = torch.arange(-radius, radius + 1, device=left.device, dtype=torch.float32)
 
-    def __call__(self, disparity: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(disparity.device.type, enabled=False):
-            disparity = upcast(disparity)[:, 0]                                   # (B, H, W)
-            b, h, w = disparity.shape
-            x = torch.arange(w, device=disparity.device, dtype=torch.float32).view(1, 1, w)
-            features = []
-            for level in range(self.levels):
-                scale = 2 ** level
-                positions = ((x - disparity) / scale)[..., None] + self.offsets   # (B, H, W, 2r+1)
-                features.append(self._correlation(level, positions).permute(0, 3, 1, 2))
-                geometry_positions = (disparity / scale)[:, None, :, :, None] + self.offsets
-                geometry = linear_sample(self.geometry_pyramid[level], geometry_positions)   # (B, Cg, H, W, 2r+1)
-                features.append(geometry.permute(0, 1, 4, 2, 3).reshape(b, -1, h, w))
-            return torch.cat(features, 1)
+# %% ../../nbs/03d_model_update.ipynb #d12b064f
+@patch
+def _correlation(self: CorrelationLookup, level: int, positions: torch.Tensor) -> torch.Tensor:
+    "Correlation at right-image `positions` (B, H, W, K) of pyramid `level` -> (B, H, W, K)."
+    if self.implementation == "reg": return linear_sample(self.pyramid[level], positions)
+    right, (b, h, w, k) = self.pyramid[level], positions.shape
+    samples = [(self.left * linear_sample(right, positions[None, ..., i].transpose(0, 1))).sum(1) for i in range(k)]
+    return torch.stack(samples, -1)
 
-    def _correlation(self, level: int, positions: torch.Tensor) -> torch.Tensor:
-        "Correlation at right-image `positions` (B, H, W, K) of pyramid `level` -> (B, H, W, K)."
-        if self.implementation == "reg": return linear_sample(self.pyramid[level], positions)
-        right, (b, h, w, k) = self.pyramid[level], positions.shape
-        samples = [(self.left * linear_sample(right, positions[None, ..., i].transpose(0, 1))).sum(1) for i in range(k)]
-        return torch.stack(samples, -1)
+@patch
+def __call__(self: CorrelationLookup, disparity: torch.Tensor) -> torch.Tensor:
+    "Lookup features around `disparity` (B, 1, H, W), in 1/4-resolution pixels: (B, levels*(2r+1)*(1+Cg), H, W)."
+    with torch.autocast(disparity.device.type, enabled=False):
+        disparity = upcast(disparity)[:, 0]                                   # (B, H, W)
+        b, h, w = disparity.shape
+        x = torch.arange(w, device=disparity.device, dtype=torch.float32).view(1, 1, w)
+        features = []
+        for level in range(self.levels):
+            scale = 2 ** level
+            positions = ((x - disparity) / scale)[..., None] + self.offsets   # (B, H, W, 2r+1)
+            features.append(self._correlation(level, positions).permute(0, 3, 1, 2))
+            geometry_positions = (disparity / scale)[:, None, :, :, None] + self.offsets
+            geometry = linear_sample(self.geometry_pyramid[level], geometry_positions)   # (B, Cg, H, W, 2r+1)
+            features.append(geometry.permute(0, 1, 4, 2, 3).reshape(b, -1, h, w))
+        return torch.cat(features, 1)
 
 # %% ../../nbs/03d_model_update.ipynb #1e0aed8f
 class ConvGRU(nn.Module):
@@ -114,7 +119,7 @@ def convex_upsample(disparity: torch.Tensor, mask: torch.Tensor, factor: int = 4
         upsampled = (weights * neighbours).sum(2)                                 # (B, 1, f, f, h, w)
     return upsampled.permute(0, 1, 4, 2, 5, 3).reshape(b, 1, factor * h, factor * w)
 
-# %% ../../nbs/03d_model_update.ipynb #6784b1bd
+# %% ../../nbs/03d_model_update.ipynb #70581a10
 def pool2x(x): return F.avg_pool2d(x, 3, stride=2, padding=1)
 
 def resize_to(x, like): return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=True)
@@ -132,6 +137,18 @@ class MotionEncoder(nn.Module):
     def forward(self, lookup, disparity):
         return torch.cat([self.fuse(torch.cat([self.lookup(lookup), self.disparity(disparity)], 1)), disparity], 1)
 
+# %% ../../nbs/03d_model_update.ipynb #e2d2bcd1
+class MaskHead(nn.Module):
+    "Convex-upsampling weights from a hidden state: (B, hidden, H, W) -> (B, 9*factor², H, W)."
+    def __init__(self, hidden: int, factor: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(hidden, 2 * hidden, 3, padding=1), nn.ReLU(inplace=True),
+                                 nn.Conv2d(2 * hidden, 9 * factor * factor, 1))
+
+    def forward(self, hidden):
+        return 0.25 * self.net(hidden)          # small logits at init: upsampling starts close to a smooth average
+
+# %% ../../nbs/03d_model_update.ipynb #4589a231
 class MultiLevelUpdate(nn.Module):
     "One refinement step: (hidden list, context list, lookup, disparity) -> (hidden list, Δdisparity (B,1,H,W), mask)."
     def __init__(self, hidden_dims, lookup_channels: int, motion_channels: int = 64, factor: int = 4):
@@ -153,13 +170,3 @@ class MultiLevelUpdate(nn.Module):
         inputs = [self.encoder(lookup, disparity)] + ([resize_to(hidden[1], hidden[0])] if n > 1 else [])
         hidden[0] = self.grus[0](hidden[0], context[0], *inputs)
         return hidden, self.disparity_head(hidden[0]), self.mask_head(hidden[0])
-
-class MaskHead(nn.Module):
-    "Convex-upsampling weights from a hidden state: (B, hidden, H, W) -> (B, 9*factor², H, W)."
-    def __init__(self, hidden: int, factor: int = 4):
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(hidden, 2 * hidden, 3, padding=1), nn.ReLU(inplace=True),
-                                 nn.Conv2d(2 * hidden, 9 * factor * factor, 1))
-
-    def forward(self, hidden):
-        return 0.25 * self.net(hidden)          # small logits at init: upsampling starts close to a smooth average

@@ -19,6 +19,8 @@ from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
+from fastcore.basics import patch
+
 from ..io import atomic_path
 
 # %% auto #0
@@ -133,9 +135,7 @@ def write_run_record(workspace, run_id: str, tracking_uri: str, experiment_id: s
     record = {"run_id": run_id, "tracking_uri": tracking_uri, "experiment_id": experiment_id}
     with atomic_path(Path(workspace) / RUN_FILE) as temporary: temporary.write_text(json.dumps(record, indent=1) + "\n")
 
-# %% ../../nbs/06d_train_logging.ipynb #70ff1a54
-PARAMS_PER_BATCH, METRICS_PER_BATCH = 100, 1000      # MLflow's log_batch limits
-
+# %% ../../nbs/06d_train_logging.ipynb #6a1ba49f
 class MLflowLogger(RunLogger):
     """Log a run to MLflow: to `tracking_uri`, else `$MLFLOW_TRACKING_URI`, else `sqlite:///{workspace}/mlflow.db`.
     A workspace with a `mlflow_run.json` for the same store continues that run (`resumed` is True). Calls after
@@ -150,93 +150,24 @@ class MLflowLogger(RunLogger):
         record = read_run_record(self.workspace)
         self.workspace.mkdir(parents=True, exist_ok=True)
         self._client = MlflowClient(tracking_uri=self.tracking_uri)
-        try:
-            run = self._resumable_run(record)
-            self.resumed = run is not None
-            if self.resumed: self._client.update_run(run.info.run_id, status="RUNNING")
-            else: run = self._client.create_run(self._experiment_id(experiment), run_name=run_name,
-                                                tags={"stereo_kit.workspace": str(self.workspace)})
-            self._params = dict(run.data.params)
-        except Exception as error:
-            raise RuntimeError(f"MLflow: cannot start a run in {self.tracking_uri} ({error}); check {TRACKING_URI_ENV} "
-                               "or train with --enable_mlflow false") from error
-        self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
-        write_run_record(self.workspace, self.run_id, self.tracking_uri, self.experiment_id)
-
-    def _resumable_run(self, record: dict | None):
-        "The active run `record` names in this store, or None (with a warning saying why, when there was a record)."
-        from mlflow.exceptions import MlflowException
-        if record is None: return None
-        where = f"{self.workspace / RUN_FILE}: run {record['run_id']}"
-        if record["tracking_uri"] != self.tracking_uri:
-            warnings.warn(f"{where} was logged to {record['tracking_uri']}, this run logs to {self.tracking_uri}; "
-                          "starting a new MLflow run")
-            return None
-        try: run = self._client.get_run(record["run_id"])
-        except MlflowException as error:
-            if error.error_code != "RESOURCE_DOES_NOT_EXIST": raise
-            run = None
-        if run is None or run.info.lifecycle_stage != "active":
-            warnings.warn(f"{where} is not in {self.tracking_uri} (deleted?); starting a new MLflow run")
-            return None
-        return run
-
-    def _experiment_id(self, name: str) -> str:
-        experiment = self._client.get_experiment_by_name(name)
-        if experiment is not None: return experiment.experiment_id
-        return self._client.create_experiment(name, artifact_location=artifact_location(self.tracking_uri))
-
-    def _call(self, what: str, method, *args, **kwargs) -> bool:
-        "Run one MLflow call; a failure is warned about (the first), counted, and never raised."
-        if self._failures_in_a_row >= self.give_up_after:
-            self.failures += 1
-            return False
-        try: method(*args, **kwargs)
-        except Exception as error:
-            self.failures += 1; self._failures_in_a_row += 1
-            if self.failures == 1:
-                warnings.warn(f"MLflow: {what} failed for run {self.run_id} at {self.tracking_uri} ({error}); training "
-                              f"goes on, failures are counted, and logging stops after {self.give_up_after} in a row")
-            elif self._failures_in_a_row == self.give_up_after:
-                warnings.warn(f"MLflow: {self.give_up_after} calls in a row failed at {self.tracking_uri}; "
-                              f"no more logging to run {self.run_id}, training goes on")
-            return False
-        self._failures_in_a_row = 0
-        return True
+        self._start_run(record, run_name, experiment)
 
     def log_params(self, params: Mapping):
         "Log the flattened `params`; a key logged before keeps its first value (MLflow params never change)."
         from mlflow.entities import Param
-        new, changed = {}, []
-        for key, value in flatten(params).items():
-            text = value if isinstance(value, str) else json.dumps(value)
-            if key not in self._params: new[key] = text
-            elif self._params[key] != text: changed.append(f"{key}: {self._params[key]} -> {text}")
-        if changed: warnings.warn(f"MLflow run {self.run_id}: params cannot change; kept the first value of " + "; ".join(changed))
-        items = list(new.items())
-        for start in range(0, len(items), PARAMS_PER_BATCH):
-            batch = dict(items[start:start + PARAMS_PER_BATCH])
+        for batch in _batches(list(self._new_params(params).items()), PARAMS_PER_BATCH):
             if self._call("logging params", self._client.log_batch, self.run_id,
-                          params=[Param(key, text) for key, text in batch.items()]):
+                          params=[Param(key, text) for key, text in batch]):
                 self._params.update(batch)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int):
         "Log `metrics` at `step` in one batch; NaN and infinite values are dropped and counted in `dropped_metrics`."
         from mlflow.entities import Metric
-        timestamp, batch = int(time.time() * 1000), []
-        for key, value in metrics.items():
-            try: value = float(value)                    # also a 0-d tensor or a numpy number
-            except (TypeError, ValueError): raise TypeError(f"metric {key!r} at step {step}: expected a number, got {value!r}") from None
-            if math.isfinite(value):
-                batch.append(Metric(mlflow_key(key), value, timestamp, int(step)))
-                continue
-            if not self.dropped_metrics:
-                warnings.warn(f"MLflow run {self.run_id}: metric {key!r} is {value} at step {step}; dropped (non-finite "
-                              "values are not logged, and counted in `dropped_metrics`)")
-            self.dropped_metrics[key] += 1
-        for start in range(0, len(batch), METRICS_PER_BATCH):
-            self._call(f"logging metrics of step {step}", self._client.log_batch, self.run_id,
-                       metrics=batch[start:start + METRICS_PER_BATCH])
+        timestamp = int(time.time() * 1000)
+        finite = self._finite(metrics, step)
+        for batch in _batches([Metric(mlflow_key(key), value, timestamp, int(step)) for key, value in finite.items()],
+                              METRICS_PER_BATCH):
+            self._call(f"logging metrics of step {step}", self._client.log_batch, self.run_id, metrics=batch)
 
     def log_artifact(self, path, artifact_path: str | None = None):
         "Store the file or folder `path` with the run, under `artifact_path`."
@@ -250,3 +181,99 @@ class MLflowLogger(RunLogger):
         if self._closed: return
         self._closed = True
         self._call("ending the run", self._client.set_terminated, self.run_id, status)
+
+# %% ../../nbs/06d_train_logging.ipynb #2b1bf267
+@patch
+def _start_run(self: MLflowLogger, record: dict | None, run_name: str | None, experiment: str):
+    "Continue the run `record` names, or create one in `experiment`; set `run_id`, `resumed` and write the record."
+    try:
+        run = self._resumable_run(record)
+        self.resumed = run is not None
+        if self.resumed: self._client.update_run(run.info.run_id, status="RUNNING")
+        else: run = self._client.create_run(self._experiment_id(experiment), run_name=run_name,
+                                            tags={"stereo_kit.workspace": str(self.workspace)})
+        self._params = dict(run.data.params)
+    except Exception as error:
+        raise RuntimeError(f"MLflow: cannot start a run in {self.tracking_uri} ({error}); check {TRACKING_URI_ENV} "
+                           "or train with --enable_mlflow false") from error
+    self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
+    write_run_record(self.workspace, self.run_id, self.tracking_uri, self.experiment_id)
+
+@patch
+def _resumable_run(self: MLflowLogger, record: dict | None):
+    "The active run `record` names in this store, or None (with a warning saying why, when there was a record)."
+    from mlflow.exceptions import MlflowException
+    if record is None: return None
+    where = f"{self.workspace / RUN_FILE}: run {record['run_id']}"
+    if record["tracking_uri"] != self.tracking_uri:
+        warnings.warn(f"{where} was logged to {record['tracking_uri']}, this run logs to {self.tracking_uri}; "
+                      "starting a new MLflow run")
+        return None
+    try: run = self._client.get_run(record["run_id"])
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST": raise
+        run = None
+    if run is None or run.info.lifecycle_stage != "active":
+        warnings.warn(f"{where} is not in {self.tracking_uri} (deleted?); starting a new MLflow run")
+        return None
+    return run
+
+@patch
+def _experiment_id(self: MLflowLogger, name: str) -> str:
+    experiment = self._client.get_experiment_by_name(name)
+    if experiment is not None: return experiment.experiment_id
+    return self._client.create_experiment(name, artifact_location=artifact_location(self.tracking_uri))
+
+# %% ../../nbs/06d_train_logging.ipynb #d4c44891
+@patch
+def _call(self: MLflowLogger, what: str, method, *args, **kwargs) -> bool:
+    "Run one MLflow call; a failure is warned about (the first), counted, and never raised."
+    if self._failures_in_a_row >= self.give_up_after:
+        self.failures += 1
+        return False
+    try: method(*args, **kwargs)
+    except Exception as error:
+        self.failures += 1; self._failures_in_a_row += 1
+        if self.failures == 1:
+            warnings.warn(f"MLflow: {what} failed for run {self.run_id} at {self.tracking_uri} ({error}); training "
+                          f"goes on, failures are counted, and logging stops after {self.give_up_after} in a row")
+        elif self._failures_in_a_row == self.give_up_after:
+            warnings.warn(f"MLflow: {self.give_up_after} calls in a row failed at {self.tracking_uri}; "
+                          f"no more logging to run {self.run_id}, training goes on")
+        return False
+    self._failures_in_a_row = 0
+    return True
+
+# %% ../../nbs/06d_train_logging.ipynb #ccdfd70e
+PARAMS_PER_BATCH, METRICS_PER_BATCH = 100, 1000      # MLflow's log_batch limits
+
+def _batches(items: list, size: int) -> list[list]:
+    "`items` in runs of at most `size` (a `log_batch` call takes at most 100 params or 1000 metrics)."
+    return [items[start:start + size] for start in range(0, len(items), size)]
+
+@patch
+def _new_params(self: MLflowLogger, params: Mapping) -> dict[str, str]:
+    "The flattened `params` not logged yet, as MLflow's text; a logged key given another value warns and keeps its own."
+    new, changed = {}, []
+    for key, value in flatten(params).items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        if key not in self._params: new[key] = text
+        elif self._params[key] != text: changed.append(f"{key}: {self._params[key]} -> {text}")
+    if changed: warnings.warn(f"MLflow run {self.run_id}: params cannot change; kept the first value of " + "; ".join(changed))
+    return new
+
+@patch
+def _finite(self: MLflowLogger, metrics: Mapping[str, float], step: int) -> dict[str, float]:
+    "`metrics` as floats without the NaN and infinite ones, which are counted in `dropped_metrics` (the first warns)."
+    finite = {}
+    for key, value in metrics.items():
+        try: value = float(value)                    # also a 0-d tensor or a numpy number
+        except (TypeError, ValueError): raise TypeError(f"metric {key!r} at step {step}: expected a number, got {value!r}") from None
+        if math.isfinite(value):
+            finite[key] = value
+            continue
+        if not self.dropped_metrics:
+            warnings.warn(f"MLflow run {self.run_id}: metric {key!r} is {value} at step {step}; dropped (non-finite "
+                          "values are not logged, and counted in `dropped_metrics`)")
+        self.dropped_metrics[key] += 1
+    return finite
