@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -323,7 +324,9 @@ def nan_probe():
 
 
 def probe_config(nan_calls: list[int], max_nonfinite_steps: int = 20) -> dict:
+    "A config whose probe term is NaN on the training steps listed (0-based) in `nan_calls`."
     PROBE["calls"] = 0
+    nan_calls = [call + 1 for call in nan_calls]          # call 0 is build's check for parameters without gradient
     loss = copy.deepcopy(LOSS)
     loss["stereo"]["probe"] = {"function": "nan_probe_test_loss", "params": {"nan_calls": nan_calls}}
     return tiny_config(loss=loss, train={"max_nonfinite_steps": max_nonfinite_steps})
@@ -514,3 +517,17 @@ def test_mixed_precision_trains_with_the_configured_dtype(tmp_path, dtype):
     assert run.accelerator.mixed_precision == dtype
     assert all(math.isfinite(row["loss/total"]) for row in run.history) and run.skipped_steps == 0
     assert any(not torch.equal(before[name], value) for name, value in run.unwrapped.state_dict().items())
+
+
+def test_parameters_the_loss_never_reaches_are_named_at_build(tmp_path):
+    "A loss that skips the initial disparity (multi_scale weights for the last 2 of 3 predictions) leaves its head untrained."
+    loss = {"stereo": {"multi_scale": {"function": "multi_scale_loss", "params": {"weights": [0.7, 1.0]}}}}
+    with pytest.warns(UserWarning, match=r"2 trainable parameter\(s\) get no gradient from the loss and will not be "
+                                         r"trained: cost_filter\.to_cost\.weight, cost_filter\.to_cost\.bias\. "
+                                         r"The model returns 3 predictions"):
+        run = trainer(tiny_config(loss=loss), tmp_path / "run").build()
+    assert run.accelerator.ddp_handler.find_unused_parameters          # what several processes would be told
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                  # every prediction scored: no warning
+        run = trainer(tiny_config(), tmp_path / "other").build()
+    assert not run.accelerator.ddp_handler.find_unused_parameters

@@ -38,7 +38,7 @@ from .utils import build_optimizer, build_scheduler
 from ..viz import stereo_panel
 
 # %% auto #0
-__all__ = ['StopRequest', 'NonFiniteError', 'LaunchError', 'Trainer']
+__all__ = ['StopRequest', 'NonFiniteError', 'LaunchError', 'Trainer', 'parameters_without_gradient']
 
 # %% ../../nbs/06e_train_trainer.ipynb #dd6d0e0a
 class StopRequest:
@@ -82,6 +82,37 @@ class Trainer:
         self.history: list[dict] = []          # every logged row, for notebooks and tests
         self.accelerator = None
 
+# %% ../../nbs/06e_train_trainer.ipynb #01673125
+def parameters_without_gradient(model: torch.nn.Module, loss, size: tuple[int, int] = (64, 96)) -> tuple[list[str], int]:
+    "Trainable parameters that `loss` gives no gradient on a small random pair (H, W = `size`), and the predictions' count."
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    left = torch.rand(1, 3, *size, generator=generator).mul(255).to(device)
+    disparity = torch.full((1, 1, *size), 4.0, device=device)
+    was_training = model.training
+    model.train()
+    try:
+        predictions = model(left, torch.roll(left, -4, dims=-1))
+        total, _ = loss(predictions, disparity, torch.ones_like(disparity, dtype=torch.bool), ["stereo"], left=left)
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        gradients = torch.autograd.grad(total, [p for _, p in named], allow_unused=True)
+    finally: model.train(was_training)
+    count = len(predictions) if isinstance(predictions, (list, tuple)) else 1
+    return [name for (name, _), gradient in zip(named, gradients) if gradient is None], count
+
+@patch
+def _check_gradients(self: Trainer, model: torch.nn.Module, processes) -> list[str]:
+    "Warn (main process) about parameters the loss never reaches; return their names."
+    unused, count = parameters_without_gradient(model, self.loss)
+    if unused and processes.is_main_process:
+        shown = ", ".join(unused[:6]) + (f" and {len(unused) - 6} more" if len(unused) > 6 else "")
+        warnings.warn(f"{len(unused)} trainable parameter(s) get no gradient from the loss and will not be trained: "
+                      f"{shown}. The model returns {count} predictions (the first is the initial disparity); a loss "
+                      "that skips some, such as multi_scale_loss with fewer weights, leaves their parameters untrained"
+                      + ("; the processes run with find_unused_parameters=True" if processes.num_processes > 1 else ""),
+                      stacklevel=3)
+    return unused
+
 # %% ../../nbs/06e_train_trainer.ipynb #06891cb6
 @patch
 def _mixed_precision(self: Trainer) -> str:
@@ -91,24 +122,28 @@ def _mixed_precision(self: Trainer) -> str:
 @patch
 def build(self: Trainer):
     "Create the accelerator, model, optimizer, schedule, EMA, loss, data stream and logger."
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
     from accelerate.state import AcceleratorState
+    from accelerate.utils import parse_flag_from_env
     AcceleratorState._reset_state(reset_partial_state=False)     # a notebook may fit several times, with other settings
     options, config = self.options, self.config
-    self.accelerator = Accelerator(mixed_precision=self._mixed_precision(),
-                                   gradient_accumulation_steps=options.gradient_accumulation_steps)
+    processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))   # as Accelerator reads it; it comes after
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and self.accelerator.num_processes == 1:
+    if launched > 1 and processes.num_processes == 1:
         raise LaunchError(f"launched as one of {launched} processes (WORLD_SIZE), but accelerate set up a single-process "
                            "run, so each process would train alone; on a machine without GPUs set "
                            "ACCELERATE_USE_CPU=true (torchrun) or use `accelerate launch --cpu ...`")
     torch.manual_seed(options.seed)
     model = build_model(config.model).enable_gradient_checkpointing(options.enable_gradient_checkpointing)
+    self.loss = build_loss(config.loss, max_disparity=config.data.max_disparity)
+    unused = self._check_gradients(model.to(processes.device), processes)
+    self.accelerator = Accelerator(mixed_precision=self._mixed_precision(),
+                                   gradient_accumulation_steps=options.gradient_accumulation_steps,
+                                   kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(unused))])
     self.optimizer = build_optimizer(model, config.optimizer)
     self.scheduler = build_scheduler(self.optimizer, config.lr_scheduler, options.num_iterations)
     self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
     self.ema = self._new_ema() if options.enable_ema else None
-    self.loss = build_loss(config.loss, max_disparity=config.data.max_disparity)
     self.logger = NullLogger()
     return self
 
@@ -123,7 +158,7 @@ def unwrapped(self: Trainer) -> torch.nn.Module:
     "The model without its distributed wrapper (what is saved, evaluated and averaged)."
     return self.accelerator.unwrap_model(self.model)
 
-# %% ../../nbs/06e_train_trainer.ipynb #58c06df2
+# %% ../../nbs/06e_train_trainer.ipynb #202121aa
 @patch
 def training_state(self: Trainer) -> dict:
     "Everything but the weights that the next step depends on."
@@ -136,6 +171,25 @@ def training_state(self: Trainer) -> dict:
             "world_size": self.accelerator.num_processes, "seed": self.options.seed, "rng": rng_state()}
 
 @patch
+def _restore(self: Trainer, state: dict, step: int):
+    "Put back what `training_state` saved with the checkpoint of `step`."
+    if state["world_size"] != self.accelerator.num_processes:
+        warnings.warn(f"resuming a run of {state['world_size']} process(es) with {self.accelerator.num_processes}: "
+                      "each step now sees other samples than the original run would have")
+    self.optimizer.load_state_dict(state["optimizer"])
+    self.scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"] is not None and self.accelerator.scaler is not None:
+        self.accelerator.scaler.load_state_dict(state["scaler"])
+    if self.ema is not None and state["ema"]:
+        self.ema.module.load_state_dict(read_state_dict(self.workspace.ema(step)))
+        self.ema.n_averaged.fill_(max(state["ema_updates"], 1))
+    elif self.ema is not None:
+        self.accelerator.print(f"step {step} was saved without EMA weights: the EMA starts from its weights")
+    self.skipped_steps, self.nonfinite_in_a_row = state["skipped_steps"], state["nonfinite_in_a_row"]
+    set_rng_state(state["rng"])
+
+# %% ../../nbs/06e_train_trainer.ipynb #15c9aad4
+@patch
 def resume(self: Trainer, point: ResumePoint):
     "Load the checkpoint `point` names: a full resume, or weights to fine-tune from."
     if point.weights is None: return
@@ -145,21 +199,7 @@ def resume(self: Trainer, point: ResumePoint):
         if self.ema is not None: self.ema = self._new_ema()
         return
     self.unwrapped.load_state_dict(state_dict)
-    state = load_training_state(self.workspace, point.step)
-    if state["world_size"] != self.accelerator.num_processes:
-        warnings.warn(f"resuming a run of {state['world_size']} process(es) with {self.accelerator.num_processes}: "
-                      "each step now sees other samples than the original run would have")
-    self.optimizer.load_state_dict(state["optimizer"])
-    self.scheduler.load_state_dict(state["scheduler"])
-    if state["scaler"] is not None and self.accelerator.scaler is not None:
-        self.accelerator.scaler.load_state_dict(state["scaler"])
-    if self.ema is not None and state["ema"]:
-        self.ema.module.load_state_dict(read_state_dict(self.workspace.ema(point.step)))
-        self.ema.n_averaged.fill_(max(state["ema_updates"], 1))
-    elif self.ema is not None:
-        self.accelerator.print(f"step {point.step} was saved without EMA weights: the EMA starts from its weights")
-    self.skipped_steps, self.nonfinite_in_a_row = state["skipped_steps"], state["nonfinite_in_a_row"]
-    set_rng_state(state["rng"])
+    self._restore(load_training_state(self.workspace, point.step), point.step)
     self.step = point.step
 
 def _load_matching(model: torch.nn.Module, state_dict: dict, path: Path, report=print):
@@ -216,7 +256,7 @@ def train_step(self: Trainer, batches) -> dict:
             "grad_norm": float(grad_norm), "applied": applied, "data_wait": waited, "batch": batch,
             "predictions": predictions}
 
-# %% ../../nbs/06e_train_trainer.ipynb #bbeeab06
+# %% ../../nbs/06e_train_trainer.ipynb #f1846f1c
 @patch
 def _peak_memory_mib(self: Trainer) -> float:
     if self.accelerator.device.type == "cuda": return torch.cuda.max_memory_allocated(self.accelerator.device) / 2**20
@@ -254,6 +294,7 @@ def log(self: Trainer, window: list[dict], seconds: float):
     for callback in self.callbacks: callback.on_log(self, row)
     return row
 
+# %% ../../nbs/06e_train_trainer.ipynb #244c6038
 @patch
 def visualize(self: Trainer, result: dict) -> list[Path]:
     "Write a panel (left, right, ground truth and prediction on one scale, error) per sample of the last batch."
@@ -268,6 +309,7 @@ def visualize(self: Trainer, result: dict) -> list[Path]:
     for callback in self.callbacks: callback.on_vis(self, written)
     return written
 
+# %% ../../nbs/06e_train_trainer.ipynb #8b22a8c0
 @patch
 def evaluate_now(self: Trainer, reference: bool = False) -> dict:
     "Evaluate on the `eval` datasets (EMA weights when enabled; `reference`: StereoSGBM beside); log, return `{dataset: metrics}`."
@@ -289,6 +331,7 @@ def evaluate_now(self: Trainer, reference: bool = False) -> dict:
     self.evaluations.append({"step": self.step, **results})
     return results
 
+# %% ../../nbs/06e_train_trainer.ipynb #d639ef7e
 @patch
 def save(self: Trainer):
     "Write the checkpoint of the current step (main process), after every process has finished the step."
@@ -299,12 +342,11 @@ def save(self: Trainer):
     self.saved_step = self.step
     self.accelerator.wait_for_everyone()
 
-# %% ../../nbs/06e_train_trainer.ipynb #ff5db7dd
+# %% ../../nbs/06e_train_trainer.ipynb #393c0340
 @patch
 def fit(self: Trainer) -> dict:
     "Train from the start or the checkpoint to `num_iterations`; return the last evaluation (or {})."
     from contextlib import ExitStack
-    from tqdm.auto import tqdm
     options = self.options
     self.build()
     with ExitStack() as stack:
@@ -312,13 +354,9 @@ def fit(self: Trainer) -> dict:
         stop = stack.enter_context(StopRequest())
         self.resume(find_checkpoint(self.workspace, options.checkpoint))
         self._start_logging()
-        self.batches = build_dataloader(self.config.data, options.batch_size_forward, options.seed,
-                                        self.config.train.num_workers, self.accelerator.process_index,
-                                        self.accelerator.num_processes, self.step * options.gradient_accumulation_steps)
-        batches, self.evaluations, window, self.saved_step = iter(self.batches), [], [], None
-        self.progress = tqdm(total=options.num_iterations, initial=self.step, desc="train", dynamic_ncols=True,
-                             mininterval=0.5 if sys.stderr.isatty() or "ipykernel" in sys.modules else 30,   # log files: a line per 30 s
-                             disable=not self.accelerator.is_local_main_process)
+        batches = self._start_data()
+        self.evaluations, window, self.saved_step = [], [], None
+        self.progress = self._progress_bar()
         window_start, status = time.perf_counter(), "FINISHED"
         try:
             while self.step < options.num_iterations:
@@ -326,10 +364,7 @@ def fit(self: Trainer) -> dict:
                 self.step += 1
                 self.progress.update()
                 window.append({k: result[k] for k in ("loss", "terms", "grad_norm", "data_wait")})
-                if self.nonfinite_in_a_row >= self.config.train.max_nonfinite_steps:
-                    raise NonFiniteError(f"step {self.step}: {self.nonfinite_in_a_row} steps in a row had a non-finite "
-                                         f"loss or gradient (grad norm {result['grad_norm']}, loss {result['loss']}, "
-                                         f"terms {result['terms']}); stopping")
+                self._check_finite(result)
                 if self.step % options.log_every == 0 or self.step == options.num_iterations:
                     self.log(window, time.perf_counter() - window_start)
                     window, window_start = [], time.perf_counter()
@@ -350,12 +385,7 @@ def fit(self: Trainer) -> dict:
             if self.accelerator.is_main_process: self.logger.close(status)
     return final
 
-@patch
-def _stop_requested(self: Trainer, stop: StopRequest) -> bool:
-    "Whether any process was asked to stop (every process must agree, or the others would wait forever)."
-    asked = torch.tensor(float(stop.signal is not None), device=self.accelerator.device)
-    return bool(self.accelerator.reduce(asked, "sum") > 0)
-
+# %% ../../nbs/06e_train_trainer.ipynb #7652dec7
 @patch
 def _start_logging(self: Trainer):
     "Write the resolved config into the workspace and start (or continue) the MLflow run on the main process."
@@ -368,3 +398,35 @@ def _start_logging(self: Trainer):
         options = {f"cli.{k}": v for k, v in dataclasses.asdict(self.options).items() if k != "checkpoint"}  # a resume
         self.logger.log_params({**flatten(resolved), **options, "world_size": self.accelerator.num_processes})  # changes it
         self.logger.log_artifact(self.workspace.config)
+
+@patch
+def _start_data(self: Trainer):
+    "The batches from the current step on (forward pass step·A), each process reading its own share."
+    options = self.options
+    self.batches = build_dataloader(self.config.data, options.batch_size_forward, options.seed,
+                                    self.config.train.num_workers, self.accelerator.process_index,
+                                    self.accelerator.num_processes, self.step * options.gradient_accumulation_steps)
+    return iter(self.batches)
+
+@patch
+def _progress_bar(self: Trainer):
+    "A progress bar from the current step, shown by the main process of each machine."
+    from tqdm.auto import tqdm
+    return tqdm(total=self.options.num_iterations, initial=self.step, desc="train", dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() or "ipykernel" in sys.modules else 30,   # log files: a line per 30 s
+                disable=not self.accelerator.is_local_main_process)
+
+# %% ../../nbs/06e_train_trainer.ipynb #42b175ba
+@patch
+def _check_finite(self: Trainer, result: dict):
+    "Raise `NonFiniteError` once `train.max_nonfinite_steps` steps in a row were non-finite."
+    if self.nonfinite_in_a_row >= self.config.train.max_nonfinite_steps:
+        raise NonFiniteError(f"step {self.step}: {self.nonfinite_in_a_row} steps in a row had a non-finite "
+                             f"loss or gradient (grad norm {result['grad_norm']}, loss {result['loss']}, "
+                             f"terms {result['terms']}); stopping")
+
+@patch
+def _stop_requested(self: Trainer, stop: StopRequest) -> bool:
+    "Whether any process was asked to stop (every process must agree, or the others would wait forever)."
+    asked = torch.tensor(float(stop.signal is not None), device=self.accelerator.device)
+    return bool(self.accelerator.reduce(asked, "sum") > 0)
