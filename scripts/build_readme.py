@@ -1,4 +1,5 @@
-"""Write README.md from nbs/index.ipynb (markdown cells verbatim, code cells as Python blocks; `#| hide` cells skipped).
+"""Write README.md from nbs/index.ipynb (markdown cells verbatim, code cells as Python blocks; `#| hide` cells skipped;
+image links relative to nbs/, such as `images/x.png`, rewritten to start at the repository root).
 
     python scripts/build_readme.py          # write README.md
     python scripts/build_readme.py --check  # exit 1 if README.md is out of date
@@ -17,7 +18,7 @@ def render(notebook: Path) -> str:
     for cell in json.loads(notebook.read_text())["cells"]:
         source = "".join(cell["source"]).strip()
         if not source or source.startswith("#| hide"): continue
-        if cell["cell_type"] == "markdown": blocks.append(source)
+        if cell["cell_type"] == "markdown": blocks.append(source.replace("](images/", "](nbs/images/"))
         elif cell["cell_type"] == "code":
             lines = [line for line in source.splitlines() if not line.startswith("#|")]
             blocks.append("```python\n" + "\n".join(lines).strip() + "\n```")

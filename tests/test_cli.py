@@ -108,3 +108,44 @@ def test_trust_checkpoint_applies_only_to_the_official_model(tmp_path):
     result = run("train", "--config", str(tmp_path / "config.json"), "--workspace", str(tmp_path / "ws"), "--trust_checkpoint")
     assert result.returncode == 2 and "--trust_checkpoint applies only to a model block with source" in result.stderr
     assert not (tmp_path / "ws").exists()
+
+
+def test_train_command_parses_back_to_the_same_options():
+    "The command a notebook prints for a cluster (`train_command`) means to the CLI what the notebook ran."
+    import shlex
+    from stereo_kit.cli import train
+    from stereo_kit.train.options import TrainOptions, train_command
+    options = dict(num_iterations=600, batch_size_forward=2, enable_ema=False, enable_mlflow=False, vis_every=50,
+                   checkpoint="latest")
+    words = shlex.split(train_command("configs/train/quickstart.json", "workspace/my run", **options))
+    assert words[:2] == ["accelerate", "launch"] and words[2] == "scripts/train.py"
+    context = train.make_context("train", words[3:])
+    parsed = {name: value for name, value in context.params.items() if name in TrainOptions.__dataclass_fields__}
+    assert TrainOptions(**parsed) == TrainOptions(**options)
+    assert str(context.params["config_file"]) == "configs/train/quickstart.json"
+    assert str(context.params["workspace"]) == "workspace/my run"
+
+
+def test_slurm_script_launches_the_configured_run(tmp_path):
+    "scripts/slurm_train.sh under stand-ins for srun/scontrol/accelerate: the command each node would run."
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stubs = {"scontrol": 'printf "node-a\\nnode-b\\n"', "srun": 'exec "$@"',
+             "accelerate": f'printf "%s\\n" "$@" > {tmp_path}/accelerate_args'}
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_NNODES": "2",
+           "SLURM_NODEID": "1", "GPUS_PER_NODE": "4", "CONFIG": "configs/train/quickstart.json",
+           "WORKSPACE": "workspace/quickstart"}
+    result = subprocess.run(["bash", str(root / "scripts/slurm_train.sh"), "--num_iterations", "600"], env=env,
+                            capture_output=True, text=True, cwd=root, timeout=30)
+    assert result.returncode == 0, result.stderr
+    args = (tmp_path / "accelerate_args").read_text().split()
+    assert args[:2] == ["launch", "--multi_gpu"]
+    value = lambda flag: args[args.index(flag) + 1]
+    assert (value("--num_machines"), value("--num_processes"), value("--machine_rank"), value("--main_process_ip")) \
+        == ("2", "8", "1", "node-a")
+    assert value("--config") == "configs/train/quickstart.json" and value("--workspace") == "workspace/quickstart"
+    assert value("--checkpoint") == "latest" and value("--num_iterations") == "600"

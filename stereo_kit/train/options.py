@@ -5,10 +5,11 @@
 # %% ../../nbs/06_train_options.ipynb #11057168
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field, fields
 
 # %% auto #0
-__all__ = ['DEFAULT_CONFIG', 'DEFAULT_WORKSPACE', 'TrainOptions']
+__all__ = ['DEFAULT_CONFIG', 'DEFAULT_WORKSPACE', 'TrainOptions', 'train_command']
 
 # %% ../../nbs/06_train_options.ipynb #22ceb5f4
 DEFAULT_CONFIG = "configs/train/stereo_v1.json"
@@ -43,3 +44,17 @@ class TrainOptions:
         if problems: raise ValueError("; ".join(problems))
 
 def _is_int(value) -> bool: return isinstance(value, int) and not isinstance(value, bool)
+
+# %% ../../nbs/06_train_options.ipynb #c7ef635b
+def _flag_value(value) -> str:
+    if isinstance(value, bool): return "true" if value else "false"
+    return shlex.quote(str(value))
+
+def train_command(config, workspace=DEFAULT_WORKSPACE, launcher: str = "accelerate launch",
+                  script: str = "scripts/train.py", **options) -> str:
+    "The command line that runs `config` (a file path) in `workspace` with `options` (non-default ones written out)."
+    chosen, defaults = TrainOptions(**options), TrainOptions()
+    flags = [f"--{f.name} {_flag_value(getattr(chosen, f.name))}" for f in fields(TrainOptions)
+             if getattr(chosen, f.name) != getattr(defaults, f.name)]
+    words = [launcher, script, f"--config {shlex.quote(str(config))}", f"--workspace {shlex.quote(str(workspace))}", *flags]
+    return " ".join(word for word in words if word)
