@@ -46,7 +46,7 @@ def encode_image(image: np.ndarray, format: str = "jpeg") -> bytes:
     if not ok: raise ValueError(f"could not encode an image of shape {image.shape} as {format}")
     return data.tobytes()
 
-# %% ../nbs/08_widgets.ipynb #ee54f925
+# %% ../nbs/08_widgets.ipynb #08da86e5
 _CANVAS_JS = """
 function render({ model, el }) {
   const img = document.createElement("img");
@@ -100,6 +100,7 @@ _CANVAS_CSS = """
 .stereo-kit-canvas { display: block; image-rendering: pixelated; cursor: crosshair; max-width: 100%; }
 """
 
+# %% ../nbs/08_widgets.ipynb #8962d3c9
 class StereoCanvas(anywidget.AnyWidget):
     "One image shown in the browser (encoded bytes); `cursor` is the image pixel [x, y] under the mouse, [-1, -1] outside."
     _esm, _css = _CANVAS_JS, _CANVAS_CSS
