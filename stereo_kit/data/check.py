@@ -15,11 +15,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import DatasetConfig, resolve_config
-from .datasets import SampleIndex, find_standard_scenes, generate_sample, read_sample
+from .datasets import SampleIndex, find_standard_scenes, generate_sample, index_dataset, read_sample
 from .loader import bad_sample, index_entry
 
 # %% auto #0
-__all__ = ['RENDERED_SAMPLES_CHECKED', 'SceneSummary', 'summarize_samples', 'summarize_scene', 'format_summaries',
+__all__ = ['RENDERED_SAMPLES_CHECKED', 'EVAL_PREFIX', 'SceneSummary', 'summarize_samples', 'summarize_scene', 'format_summaries',
            'summarize_rendered', 'summarize_config']
 
 # %% ../../nbs/02e_data_check.ipynb #b121c0c0
@@ -34,6 +34,7 @@ class SceneSummary:
     disparity_percentiles: dict = field(default_factory=dict)    # {1: .., 50: .., 99: ..} over valid pixels
     invalid_fraction: float = float("nan")
     problems: list[str] = field(default_factory=list)            # the index's, then one per unusable sample
+    matched: Counter = field(default_factory=Counter)            # samples per part of the tree (SampleIndex.matched)
 
 _VALUES_KEPT_PER_SAMPLE = 4096
 
@@ -76,7 +77,9 @@ def summarize_scene(scene: SampleIndex, progress: bool = False, seed: int = 0,
     "Read every sample of `scene` (any `SampleIndex`) and summarise it; unusable samples are problems, not raised."
     samples = tqdm(_read_each(scene, max_pixels), desc=scene.name, total=len(scene.samples), disable=not progress,
                    leave=False)
-    return summarize_samples(scene.name, samples, scene.problems, seed)
+    summary = summarize_samples(scene.name, samples, scene.problems, seed)
+    summary.matched = scene.matched
+    return summary
 
 # %% ../../nbs/02e_data_check.ipynb #2fa11e7a
 def _format_sizes(sizes: Counter) -> str:
@@ -96,6 +99,10 @@ def format_summaries(summaries: list[SceneSummary], label: str = "scene") -> str
                      percentiles, f"{100 * s.invalid_fraction:.1f} %" if s.samples else "-"))
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+    parts = [f"  [{s.name}] " + ", ".join(f"{part if part != '.' else '(root)'} {count}"
+                                          for part, count in s.matched.most_common(8))
+             + (f", +{len(s.matched) - 8} more" if len(s.matched) > 8 else "") for s in summaries if len(s.matched) > 1]
+    if parts: lines += ["", "matched, part by part:"] + parts
     problems = [(s.name, p) for s in summaries for p in s.problems]
     if problems:
         lines += ["", f"{len(problems)} problem(s):"] + [f"  [{name}] {problem}" for name, problem in problems]
@@ -117,12 +124,18 @@ def summarize_rendered(entry: DatasetConfig, count: int = RENDERED_SAMPLES_CHECK
     samples = tqdm(_render_each(entry, count, seed), desc=entry.name, total=count, disable=not progress, leave=False)
     return summarize_samples(entry.name, samples, seed=seed)
 
+EVAL_PREFIX = "eval:"               # the rows of the eval block's datasets
+
 def summarize_config(config: dict, progress: bool = False) -> list[SceneSummary]:
-    "Summarise every dataset of a training config; raises `ConfigError` listing every problem of the whole config."
-    data = resolve_config(config).data
-    summaries = []
+    "Summarise every dataset of a config's data and eval blocks; raises `ConfigError` listing every problem of the config."
+    resolved = resolve_config(config)
+    data, summaries = resolved.data, []
     for entry in data.datasets:
         index = index_entry(entry, data)
         summaries.append(summarize_rendered(entry, progress=progress) if index is None else
                          summarize_scene(index, progress=progress, max_pixels=data.max_image_pixels))
+    for entry in resolved.eval.datasets:          # indexed as evaluation does: every sample, then at most max_samples
+        index = index_dataset(entry.path, entry.format, entry.options, f"{EVAL_PREFIX}{entry.name}")
+        index.samples = index.samples[: entry.max_samples]
+        summaries.append(summarize_scene(index, progress=progress, max_pixels=data.max_image_pixels))
     return summaries
