@@ -5,6 +5,7 @@
 # %% ../nbs/00_io.ipynb #da3d28ec
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import struct
@@ -46,6 +47,7 @@ def decode_depth_uint8(rgb: np.ndarray, scale: float = 1000.0, dtype=np.float32)
     "Decode FoundationStereo 8-bit RGB disparity `rgb` (H×W×3 uint8, RGB order) to H×W `dtype`; 0 = invalid."
     if rgb.ndim != 3 or rgb.shape[-1] != 3: raise ValueError(f"expected an H×W×3 array, got shape {rgb.shape}")
     if rgb.dtype != np.uint8: raise ValueError(f"expected uint8, got {rgb.dtype}")
+    if above := _codes_above_max(rgb, red=0): raise ValueError(above)
     return _decode_depth_code(rgb, _DEPTH_UINT8_WEIGHTS, scale, dtype)
 
 _DEPTH_UINT8_WEIGHTS = np.array([DEPTH_UINT8_BASE**2, DEPTH_UINT8_BASE, 1])     # R, G, B digits
@@ -77,6 +79,20 @@ def encode_depth_uint8(disparity: np.ndarray, scale: float = 1000.0) -> np.ndarr
     red, rest = np.divmod(code.astype(np.int64), DEPTH_UINT8_BASE**2)
     green, blue = np.divmod(rest, DEPTH_UINT8_BASE)
     return np.stack([red, green, blue], axis=-1).astype(np.uint8)
+
+def _codes_above_max(image: np.ndarray, red: int) -> str | None:
+    "What is wrong when uint8 H×W×3 `image` (red digit in channel `red`: 0 RGB, 2 BGR) holds codes no encoder writes."
+    reds = image[..., red]
+    if reds.max(initial=0) < 255: return None          # every code above the largest has R = 255: one cheap pass
+    green, blue = image[..., 1], image[..., 2 - red]
+    code = reds.astype(np.int64) * DEPTH_UINT8_BASE**2 + green.astype(np.int64) * DEPTH_UINT8_BASE + blue
+    above = code > DEPTH_UINT8_MAX_CODE
+    if not above.any(): return None
+    row, column = (int(i) for i in np.argwhere(above)[0])
+    return (f"{int(above.sum())} pixel(s) hold colour codes above the largest the 8-bit RGB disparity encoding writes "
+            f"({DEPTH_UINT8_MAX_CODE}, {DEPTH_UINT8_MAX_CODE / 1000:.3f} px at scale 1000), e.g. (R, G, B) = "
+            f"({reds[row, column]}, {green[row, column]}, {blue[row, column]}) at row {row}, column {column}; refused: "
+            f"not FoundationStereo disparity (a colour-mapped picture of it?)")
 
 # %% ../nbs/00_io.ipynb #91739439
 _PNG_MAGIC, _JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8"
@@ -203,6 +219,9 @@ def read_image(path, max_pixels: int | None = None) -> np.ndarray:
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)                # the umask can only be read by setting it: once, here, not around every write
 
+def _what_is_left(target: Path) -> str:
+    return "the existing file is unchanged" if target.exists() else "no file was written"
+
 def _check_replaceable(path: Path):
     "Refuse to replace a folder or a read-only file (as root, `os.access` calls every file writable)."
     if path.is_dir(): raise StereoIOError(path, "is a folder; refusing to replace it with a file")
@@ -211,7 +230,10 @@ def _check_replaceable(path: Path):
 
 def _new_temporary(target: Path) -> Path:
     "An empty file beside `target` that no other writer can be given, with the permissions `target` will need."
-    descriptor, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try: descriptor, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as error:          # e.g. a read-only folder: the OS names the temporary, which nobody asked for
+        raise StereoIOError(target, f"cannot create a file in its folder {target.parent} "
+                                    f"({error.strerror or error}); {_what_is_left(target)}") from None
     os.close(descriptor)
     try: mode = stat.S_IMODE(os.stat(target).st_mode)          # replacing: keep the file's permissions
     except FileNotFoundError: mode = 0o666 & ~_UMASK           # new: what open(target, "w") would give (mkstemp: 0o600)
@@ -232,6 +254,28 @@ def _fsync_folder(folder: Path):
     except OSError: pass          # some network and FUSE filesystems refuse; the rename has happened all the same
     finally: os.close(descriptor)
 
+# %% ../nbs/00_io.ipynb #b8f2d1e3
+_WRITE_FAILURES = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up",
+                   errno.EFBIG: "the file would exceed the file-size limit (ulimit -f) or the file system's largest file",
+                   errno.EIO: "input/output error", errno.EROFS: "the file system is read-only"}
+
+def _write_failure(error: BaseException) -> OSError | None:
+    "The `OSError` of `_WRITE_FAILURES` that is `error` or, through `__cause__`/`__context__`, caused it; else None."
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno in _WRITE_FAILURES: return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+def _write_failed(targets: list[Path], temporaries: list[Path], failure: OSError) -> StereoIOError:
+    "`failure` as a `StereoIOError` naming the target whose temporary failed: by the error's file name, else the last one written to."
+    named = [target for temporary, target in zip(temporaries, targets) if failure.filename in (str(temporary), temporary)]
+    written = [target for temporary, target in zip(temporaries, targets) if temporary.exists() and temporary.stat().st_size]
+    target = (named or written[-1:] or targets)[0]
+    return StereoIOError(target, f"cannot write the file, {errno.errorcode[failure.errno]}: "
+                                 f"{_WRITE_FAILURES[failure.errno]}; {_what_is_left(target)}")
+
 # %% ../nbs/00_io.ipynb #f55cb946
 @contextmanager
 def atomic_paths(*paths):
@@ -240,14 +284,20 @@ def atomic_paths(*paths):
     for i, target in enumerate(targets):
         if target.resolve() in {earlier.resolve() for earlier in targets[:i]}:
             raise StereoIOError(target, "given twice to one atomic write")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try: target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StereoIOError(target, f"cannot create its folder ({error.strerror or error}: {error.filename})") from None
         _check_replaceable(target)
     temporaries = []
     try:
         for target in targets: temporaries.append(_new_temporary(target))
-        yield temporaries
-        for temporary in temporaries: _fsync_file(temporary)
-        for temporary, target in zip(temporaries, targets): os.replace(temporary, target)
+        try:
+            yield temporaries
+            for temporary in temporaries: _fsync_file(temporary)
+            for temporary, target in zip(temporaries, targets): os.replace(temporary, target)
+        except Exception as error:
+            if (failure := _write_failure(error)) is None: raise
+            raise _write_failed(targets, temporaries, failure) from None
         for folder in dict.fromkeys(target.parent for target in targets): _fsync_folder(folder)
     finally:
         for temporary in temporaries: temporary.unlink(missing_ok=True)
@@ -266,11 +316,21 @@ def _encode_raster(path, array: np.ndarray, params=()) -> bytes:
     if not ok: raise StereoIOError(path, f"OpenCV could not encode a {array.dtype} array of shape {array.shape}")
     return buffer.tobytes()
 
+def _numbers(path, array, what: str, kinds: str = "biuf") -> np.ndarray:
+    "`array` as a numpy array whose dtype kind is in `kinds` (bool, int, uint, float), else a `StereoIOError`."
+    try: converted = np.asarray(array)
+    except (ValueError, TypeError) as error:          # ragged nested lists, ...
+        raise StereoIOError(path, f"expected {what} as an array of numbers, got a {type(array).__name__} "
+                                  f"({str(error).split('. ')[0]})") from None
+    if converted.dtype.kind not in kinds:
+        raise StereoIOError(path, f"expected {what} as an array of numbers, got a {type(array).__name__} of {converted.dtype}")
+    return converted
+
 def write_image(path, rgb: np.ndarray, jpeg_quality: int = 95):
     "Write an H×W×3 uint8 RGB image (format from the suffix: .jpg, .png, ...)."
-    rgb = np.asarray(rgb)
-    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise StereoIOError(path, f"expected an H×W×3 uint8 RGB array, got {rgb.dtype} {rgb.shape}")
+    rgb = _numbers(path, rgb, "an RGB image")
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape:
+        raise StereoIOError(path, f"expected an H×W×3 uint8 RGB array with H, W > 0, got {rgb.dtype} {rgb.shape}")
     params = (cv2.IMWRITE_JPEG_QUALITY, jpeg_quality) if Path(path).suffix.lower() in (".jpg", ".jpeg") else ()
     _write_atomic(path, _encode_raster(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params))
 
@@ -313,11 +373,11 @@ def read_pfm(path, max_pixels: int | None = None) -> np.ndarray:
 # %% ../nbs/00_io.ipynb #fe23150d
 def write_pfm(path, array: np.ndarray, little_endian: bool = True):
     "Write float H×W or H×W×3 `array` as PFM (rows stored bottom-up, `inf` allowed)."
-    source = np.asarray(array)
+    source = _numbers(path, array, "a PFM image")
     with np.errstate(over="ignore"): array = source.astype(np.float32)
     if array.ndim == 3 and array.shape[2] == 1: array, source = array[..., 0], source[..., 0]
-    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
-        raise StereoIOError(path, f"PFM holds H×W or H×W×3 floats, got shape {array.shape}")
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)) or 0 in array.shape:
+        raise StereoIOError(path, f"PFM holds H×W or H×W×3 floats with H, W > 0, got shape {array.shape}")
     if (np.isinf(array) & np.isfinite(source)).any():
         raise StereoIOError(path, f"values beyond ±{np.finfo(np.float32).max:g} do not fit the PFM's float32")
     kind = "PF" if array.ndim == 3 else "Pf"
@@ -338,12 +398,20 @@ def read_kitti_png(path, max_pixels: int | None = None) -> np.ndarray:
 def write_kitti_png(path, disparity: np.ndarray):
     "Write H×W disparity (pixels, 0 or non-finite = invalid) as a KITTI 16-bit PNG."
     _check_suffix(path, "kitti_png", ".png")
+    disparity = _disparity_array(path, disparity)
     disparity = np.where(np.isfinite(disparity), disparity, 0.0)
     code = np.rint(disparity * KITTI_SCALE)           # float: the range is checked before the cast to uint16 can wrap
     if code.min(initial=0) < 0 or code.max(initial=0) > 65535:
         raise StereoIOError(path, f"KITTI PNG holds disparity in [0, {65535 / KITTI_SCALE:g}], got "
                                   f"[{disparity.min():g}, {disparity.max():g}]")
     _write_atomic(path, _encode_raster(path, code.astype(np.uint16)))
+
+def _disparity_array(path, disparity) -> np.ndarray:
+    "`disparity` as a float64 H×W array with H, W > 0 (float64: a value too large for float32 must reach the range checks, not become inf = invalid)."
+    disparity = _numbers(path, disparity, "disparity", kinds="iuf").astype(np.float64)
+    if disparity.ndim != 2 or 0 in disparity.shape:
+        raise StereoIOError(path, f"expected an H×W disparity with H, W > 0, got shape {disparity.shape}")
+    return disparity
 
 def _check_suffix(path, format: str, suffix: str):
     "Refuse a file name whose suffix would make OpenCV store `format` in another (lossy) container."
@@ -367,6 +435,7 @@ def _read_depth_uint8_png(path, max_pixels: int | None = None) -> np.ndarray:
         raise StereoIOError(path, f"8-bit RGB disparity must have 3 channels, found {channels}")
     if array.dtype != np.uint8:
         raise StereoIOError(path, f"8-bit RGB disparity must be uint8, found {array.dtype}")
+    if above := _codes_above_max(array, red=2): raise StereoIOError(path, above)          # OpenCV gives BGR
     return _decode_depth_code(array, _DEPTH_UINT8_WEIGHTS[::-1], 1000.0, np.float32)    # OpenCV gives BGR
 
 def _write_depth_uint8_png(path, disparity: np.ndarray):
@@ -412,11 +481,13 @@ def write_disparity(path, disparity: np.ndarray, format: str, valid: np.ndarray 
     "Write float disparity (pixels) in `format`; pixels outside `valid` (or ≤ 0 / non-finite) are stored as invalid."
     fmt = DISPARITY_FORMATS[_check_format(path, format)]
     _check_suffix(path, fmt.name, fmt.suffix)
-    # float64: a finite float64 value too large for float32 must reach the range checks, not turn into inf = invalid
-    disparity = np.asarray(disparity, dtype=np.float64)
-    if disparity.ndim != 2: raise StereoIOError(path, f"expected an H×W disparity, got shape {disparity.shape}")
+    disparity = _disparity_array(path, disparity)
     keep = np.isfinite(disparity) & (disparity > 0)
-    if valid is not None: keep &= np.asarray(valid, dtype=bool)
+    if valid is not None:
+        valid = _numbers(path, valid, "a valid mask")
+        if valid.shape != disparity.shape:         # numpy would broadcast a (1, W) or scalar mask without a word
+            raise StereoIOError(path, f"the valid mask has shape {valid.shape}, the disparity {disparity.shape}")
+        keep &= valid.astype(bool)
     fmt.write(Path(path), np.where(keep, disparity, 0.0))
 
 def _check_format(path, format: str) -> str:

@@ -215,6 +215,28 @@ class ConfigProblem:
         assert any(problem.startswith(f"{self.key}: ") for problem in error.value.problems), error.value.problems
 
 
+@dataclass
+class ConfigProblems:
+    "`action(config)` raises one ConfigError holding every problem of `expected` (each the start of one), at once."
+    expected: list
+    action: Callable
+
+    def check(self, root: Path, scene: Path):
+        with pytest.raises(ConfigError) as error: self.action(config_of(root))
+        problems = error.value.problems
+        assert len(problems) == len(self.expected), problems
+        for start in self.expected: assert sum(problem.startswith(start) for problem in problems) == 1, (start, problems)
+
+
+def with_datasets(*changes: dict, build=lambda config: build_dataloader(config, 4, seed=0)) -> Callable:
+    "`build` on the config with one dataset entry per `changes`: the scene's entry with those keys changed."
+    return lambda config: build({**config, "datasets": [{**config["datasets"][0], **change} for change in changes]})
+
+
+def check_data(config: dict):
+    return check.summarize_config({"data": config})
+
+
 def with_dataset(**changes) -> Callable:
     return lambda config: build_dataloader({**config, "datasets": [{**config["datasets"][0], **changes}]}, 4, seed=0)
 
@@ -255,6 +277,30 @@ FAULTS = [
                                      with_dataset(options={"frame_folder": "x"})), id="unknown format option"),
     pytest.param(None, ConfigProblem("model.volume_groups", lambda config: check.summarize_config(
         {"model": {"volume_groups": 5}, "data": config})), id="check-data: model block mistake"),
+    # weights each finite and positive whose sum is not: numpy failed on the first batch ("do not sum to 1")
+    *[pytest.param(None, ConfigProblems(["data.datasets: the weights sum to inf; expected a finite positive sum (weights "
+                                         "are relative: scale them all down)"],
+                                        with_datasets({"weight": 1e308}, {"name": "other", "weight": 1e308}, build=build)),
+                   id=f"weights 1e308 twice, {what}") for what, build in [
+        ("training", lambda config: build_dataloader(config, 4, seed=0)), ("check-data", check_data)]],
+    pytest.param(None, ConfigProblems(["data.datasets: the weights sum to inf"], with_datasets(
+        {"weight": 1.5e308}, {"name": "b", "weight": 1e308}, {"name": "c", "weight": 1e-300})), id="weights 1.5e308 + 1e308"),
+    # C32: a name used twice is reported with every other entry's problems, not only once the entries are valid
+    *[pytest.param(None, ConfigProblems(expected, with_datasets(*entries, build=build)), id=f"duplicate name and {what}")
+      for what, entries, expected, build in [
+        ("a bad weight", [{}, {"weight": -1}], ["data.datasets[1].weight: expected a positive number",
+                                                "data.datasets: expected unique dataset names; ['data'] used more than once"],
+         lambda config: build_dataloader(config, 4, seed=0)),
+        ("a bad weight, check-data", [{}, {"weight": -1}],
+         ["data.datasets[1].weight: expected a positive number",
+          "data.datasets: expected unique dataset names; ['data'] used more than once"], check_data),
+        ("an unknown format and a missing path", [{}, {"format": "kitti"}, {"name": "x", "path": None}],
+         ["data.datasets[1].format: expected one of", "data.datasets[2].path: required for format 'standard'",
+          "data.datasets: expected unique dataset names; ['data'] used more than once"],
+         lambda config: build_dataloader(config, 4, seed=0)),
+        ("weights summing to inf", [{"weight": 1e308}, {"weight": 1e308}],
+         ["data.datasets: expected unique dataset names; ['data'] used more than once",
+          "data.datasets: the weights sum to inf"], lambda config: build_dataloader(config, 4, seed=0))]],
 ]
 
 

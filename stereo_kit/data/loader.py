@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import warnings
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -28,9 +30,9 @@ from .augment import augment
 from .datasets import GENERATORS, SampleIndex, SamplePaths, generate_sample, index_dataset, read_sample
 
 # %% auto #0
-__all__ = ['BATCH_IMAGE_DTYPES', 'LOW_VALID_FRACTION', 'resolve_data', 'DataQualityError', 'BadSample', 'bad_sample', 'DataStats',
-           'step_image_size', 'slot_rng', 'StereoMixture', 'batch_images', 'stack_images', 'collate',
-           'StepBatchSampler', 'index_entry', 'low_valid_message', 'StereoBatches', 'build_dataloader']
+__all__ = ['BATCH_IMAGE_DTYPES', 'LOW_VALID_FRACTION', 'BAD_FILES_INTERVAL', 'resolve_data', 'DataQualityError', 'BadSample',
+           'bad_sample', 'DataStats', 'step_image_size', 'slot_rng', 'StereoMixture', 'batch_images', 'stack_images',
+           'collate', 'StepBatchSampler', 'index_entry', 'low_valid_message', 'StereoBatches', 'build_dataloader']
 
 # %% ../../nbs/02d_data_loader.ipynb #4e29a085
 BATCH_IMAGE_DTYPES = {"float32": torch.float32, "uint8": torch.uint8}
@@ -71,6 +73,7 @@ class DataStats:
     reasons: Counter = field(default_factory=Counter)     # reason -> samples skipped for it
     bad_files: Counter = field(default_factory=Counter)   # file -> samples skipped because of it
     first_messages: dict = field(default_factory=dict)    # file -> the first message about it
+    file_reasons: dict = field(default_factory=dict)      # file -> the reason it was first skipped for
 
     @property
     def bad_fraction(self) -> float: return self.bad / max(1, self.read + self.bad)
@@ -80,6 +83,7 @@ class DataStats:
         self.bad += 1
         self.bad_files[bad.path] += 1
         self.first_messages.setdefault(bad.path, bad.message)
+        self.file_reasons.setdefault(bad.path, bad.reason)
         self.reasons[bad.reason] += 1
         return self.reasons[bad.reason] == 1
 
@@ -87,6 +91,13 @@ class DataStats:
         "Flat numbers for a metrics logger."
         return {"data/read": self.read, "data/bad": self.bad, "data/bad_files": len(self.bad_files),
                 "data/index_problems": self.index_problems, "data/bad_fraction": self.bad_fraction}
+
+    def bad_files_table(self) -> str:
+        "Every bad file so far as tab-separated `file, reason, count, first message` lines, most drawn first."
+        clean = lambda text: " ".join(str(text).split())          # one line per file, whatever the message held
+        rows = [f"{clean(path)}\t{clean(self.file_reasons.get(path, ''))}\t{count}\t{clean(self.first_messages[path])}"
+                for path, count in self.bad_files.most_common()]
+        return "\n".join(["file\treason\tcount\tfirst_message", *rows]) + "\n"
 
     def summary(self) -> str:
         "Every reason with its count, then every bad file once: its first message and how often it was drawn."
@@ -231,9 +242,22 @@ class StepBatchSampler(torch.utils.data.Sampler):
             step += 1
 
 # %% ../../nbs/02d_data_loader.ipynb #69a005c7
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 def _worker_init(_):
     cv2.setNumThreads(1)
     torch.set_num_threads(1)                   # and one torch thread (torch's DataLoader workers do this too)
+    threading.Thread(target=_take_stop_signals, args=(os.getppid(),), name="stop signals", daemon=True).start()
+
+def _take_stop_signals(parent: int):
+    """In a worker process, where SIGINT and SIGTERM stay blocked since the fork, take each as it comes. A terminal,
+    SLURM and torchrun signal the whole process group, and stopping is the training process's job (finish the step,
+    save): a worker that died first would end the run with an error and no checkpoint, so those are ignored. A SIGTERM
+    from the training process itself is its DataLoader, or multiprocessing at exit, ending the worker: the worker
+    leaves at once, as torch's own worker handler does for its parent's SIGTERM."""
+    while True:
+        received = signal.sigwaitinfo(_STOP_SIGNALS)
+        if received.si_signo == signal.SIGTERM and received.si_pid == parent: os._exit(0)
 
 def _default_workers() -> int:
     return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
@@ -247,8 +271,13 @@ def _process_batches(mixture, sampler, num_workers: int, prefetch: int, pin_memo
                                          **workers)
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)                       # workers are forked here: no live OpenCV pool may be copied into them
+    # and with the stop signals blocked: workers keep them blocked (see `_take_stop_signals`); a signal sent to this
+    # process meanwhile arrives when the block is lifted
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try: batches = iter(loader)
-    finally: cv2.setNumThreads(threads)
+    finally:
+        cv2.setNumThreads(threads)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     yield from batches
 
 def _thread_batches(mixture, sampler, num_workers: int, prefetch: int, pin_memory: bool):
@@ -323,6 +352,8 @@ class StereoBatches:
         self.num_workers = num_workers if num_workers is not None else self.data.num_workers
         if self.num_workers is None: self.num_workers = _default_workers()
         self.stats, self.warned_low_valid = DataStats(), False
+        self.bad_files_path: Path | None = None     # where `write_bad_files` keeps the running list (the trainer's workspace)
+        self._bad_files_written = None              # (files, samples, time) of the last write
         self.indexes = [self._index(entry) for entry in self.data.datasets]
         self.mixture = StereoMixture(self.data, self.indexes, seed)
         self.sampler = StepBatchSampler(batch_size, seed, self.data.image_sizes, rank, world_size, start_step)
@@ -342,14 +373,36 @@ class StereoBatches:
                                    + "\n  ".join(index.problems[:5]))
         return index
 
+# %% ../../nbs/02d_data_loader.ipynb #09ca0416
+BAD_FILES_INTERVAL = 10.0          # s between rewrites of the bad-file list when only counts changed
+
+@patch
+def write_bad_files(self: StereoBatches, force: bool = True):
+    "Write `stats.bad_files_table()` to `bad_files_path` (atomic); unless `force`, only when a file joined or counts aged."
+    import time
+    from stereo_kit.io import _write_atomic
+    if self.bad_files_path is None or not self.stats.bad_files: return
+    now, state = time.monotonic(), (len(self.stats.bad_files), self.stats.bad)
+    last = self._bad_files_written
+    if not force and last is not None and (state == last[:2] or (state[0] == last[0] and now - last[2] < BAD_FILES_INTERVAL)):
+        return
+    try: _write_atomic(self.bad_files_path, self.stats.bad_files_table().encode())
+    except (OSError, StereoIOError) as error:    # atomic writes name a full disk or a read-only folder this way
+        reason = error.problem if isinstance(error, StereoIOError) else error
+        warnings.warn(f"{self.bad_files_path}: bad-file list not written ({reason})", stacklevel=2)
+    self._bad_files_written = (*state, now)
+
 # %% ../../nbs/02d_data_loader.ipynb #e396effa
 @patch
 def _account(self: StereoBatches, step: int, batch: dict):
     self.stats.read += len(batch["left_path"])
-    for bad in batch.pop("bad"):
+    bad_samples = batch.pop("bad")
+    for bad in bad_samples:
         if self.stats.add_bad(bad):
+            listed = f"; every bad file is listed in {self.bad_files_path}" if self.bad_files_path else ""
             warnings.warn(f"skipped a bad sample ({bad.reason}): {bad.message} [{self.stats.bad} so far; more "
-                          f"of this kind are counted silently in stats]", stacklevel=3)
+                          f"of this kind are counted silently in stats{listed}]", stacklevel=3)
+    if bad_samples: self.write_bad_files(force=False)
     tried = self.stats.read + self.stats.bad
     if tried >= self.data.bad_check_min_samples and self.stats.bad_fraction > self.data.max_bad_fraction:
         raise DataQualityError(f"more than data.max_bad_fraction = {self.data.max_bad_fraction:g} of the data is "
