@@ -5,9 +5,11 @@
 # %% ../../nbs/03g_model_weights.ipynb #e7722319
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import uuid
+import warnings
 from pathlib import Path
 
 import torch
@@ -16,7 +18,8 @@ from ..io import StereoIOError, atomic_paths, error_reason
 from .stereo import FoundationStereoModel, build_model
 
 # %% auto #0
-__all__ = ['WEIGHTS_FORMAT', 'WeightsError', 'weights_config_path', 'save_weights', 'read_state_dict', 'load_weights']
+__all__ = ['WEIGHTS_FORMAT', 'MAX_MODEL_PARAMETERS', 'WeightsError', 'weights_config_path', 'save_weights', 'read_state_dict',
+           'load_weights']
 
 # %% ../../nbs/03g_model_weights.ipynb #51ac6626
 WEIGHTS_FORMAT = "stereo_kit.models.v2"
@@ -40,7 +43,9 @@ def save_weights(path, model: FoundationStereoModel):
     state_dict._metadata[_METADATA_KEY] = saved
     # the weights are renamed first: if the second rename never happens, the new .pt is complete on its own
     with atomic_paths(path, weights_config_path(path)) as (weights, config):
-        torch.save(state_dict, weights)
+        # through a Python file: a write the system stops (disk full, file-size limit) then raises its OSError, which
+        # atomic_paths reports with the file's name; torch's own file writer only says "unexpected pos"
+        with open(weights, "wb") as file: torch.save(state_dict, file)
         config.write_text(json.dumps(saved, indent=2))
 
 # %% ../../nbs/03g_model_weights.ipynb #1ef108e0
@@ -77,10 +82,30 @@ def _model_block(source: Path, saved, expected_format: str) -> dict:
     if not isinstance(saved.get("model"), dict): raise WeightsError(source, "the config has no 'model' block (an object)")
     return saved["model"]
 
+def _warn_if_copy_differs(path: Path, saved: dict):
+    "Warn when the JSON copy beside `path` is not the config stored inside it: editing the copy changes nothing."
+    copy_path = weights_config_path(path)
+    if not copy_path.is_file(): return                     # the copy is optional: the .pt is complete on its own
+    try: copy = json.loads(copy_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error: differences = [f"unreadable ({type(error).__name__})"]
+    else:
+        if copy == saved: return
+        copy, ours = (copy if isinstance(copy, dict) else {}), saved
+        differences = [f"model.{key}" for key in sorted(set(copy.get("model") or {}) | set(ours["model"]))
+                       if not isinstance(copy.get("model"), dict) or copy["model"].get(key) != ours["model"].get(key)]
+        differences += [key for key in ("format", "save_id") if copy.get(key) != ours.get(key)]
+        differences += [key for key in copy if key not in ("format", "save_id", "model")]
+    warnings.warn(f"{copy_path}: differs from the config stored in {path} ({', '.join(differences[:6])}"
+                  f"{' ...' if len(differences) > 6 else ''}); the config in {path.name} is used, the .json is only a "
+                  f"readable copy of it (to build another model, pass config= to load_weights)", stacklevel=4)
+
 def _saved_config(path: Path, state_dict: dict) -> tuple[dict, Path]:
     "The model config saved with the weights and the file it came from: the .pt itself, or the JSON beside a v1 file."
     saved = getattr(state_dict, "_metadata", {}).get(_METADATA_KEY)
-    if saved is not None: return _model_block(path, saved, WEIGHTS_FORMAT), path
+    if saved is not None:
+        model = _model_block(path, saved, WEIGHTS_FORMAT)
+        _warn_if_copy_differs(path, saved)
+        return model, path
     config_path = weights_config_path(path)
     if not config_path.is_file():
         raise WeightsError(path, f"no model config inside it or beside it (expected {config_path.name}); "
@@ -105,15 +130,34 @@ def _check_fits(path: Path, model: FoundationStereoModel, state_dict: dict):
         raise WeightsError(path, f"state dict does not match the model config ({len(problems)} problem(s)):"
                                  + "".join(f"\n  {problem}" for problem in problems))
 
-def load_weights(path, map_location="cpu", config: dict | None = None) -> FoundationStereoModel:
-    "Rebuild a model from the weights file `path` and its config (`config`, else the one saved with the weights)."
+MAX_MODEL_PARAMETERS = 2_000_000_000       # 8 GB of float32; the largest preset has 0.31 billion
+
+def _build(config: dict, source: Path, device=None) -> FoundationStereoModel:
+    "`build_model(config, pretrained=False)`, on `device`; a config it refuses is a `WeightsError` naming `source`."
+    try:
+        with warnings.catch_warnings():
+            if device is not None: warnings.simplefilter("ignore")     # said once, by the real build
+            with torch.device(device) if device is not None else contextlib.nullcontext():
+                return build_model(config, pretrained=False)    # every weight, the ViT's too, comes from the state dict
+    except (ValueError, TypeError, KeyError) as error:
+        raise WeightsError(source, f"its model config is invalid: {error}") from None
+
+def load_weights(path, map_location="cpu", config: dict | None = None,
+                 max_parameters: int | None = MAX_MODEL_PARAMETERS) -> FoundationStereoModel:
+    """Rebuild a model from the weights file `path` and its config (`config`, else the one saved with the weights).
+    A config asking for more than `max_parameters` parameters (None: no limit) is refused before memory is spent."""
     path = Path(path)
     state_dict = read_state_dict(path, map_location)
     source = path
     if config is None: config, source = _saved_config(path, state_dict)
-    try: model = build_model(config, pretrained=False)      # every weight, the ViT's too, comes from the state dict
-    except (ValueError, TypeError, KeyError) as error:
-        raise WeightsError(source, f"its model config is invalid: {error}") from None
-    _check_fits(path, model, state_dict)
+    shape_only = _build(config, source, device="meta")            # sizes without memory: nothing is allocated
+    count = sum(parameter.numel() for parameter in shape_only.parameters())
+    if max_parameters is not None and count > max_parameters:
+        held = sum(tensor.numel() for tensor in state_dict.values())
+        raise WeightsError(source, f"its model config asks for {count:,} parameters ({4 * count / 1e9:.1f} GB as "
+                                   f"float32), above the limit of {max_parameters:,} (max_parameters); the weights file "
+                                   f"holds {held:,}")
+    _check_fits(path, shape_only, state_dict)                      # a mismatch is found before the real build, too
+    model = _build(config, source)
     model.load_state_dict(state_dict)
     return model
