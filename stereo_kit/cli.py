@@ -11,7 +11,8 @@ from pathlib import Path
 import click
 
 # %% auto #0
-__all__ = ['main', 'check_data', 'config_group', 'config_show', 'config_schema', 'train', 'eval_command', 'predict']
+__all__ = ['BENCHMARK_NAMES', 'main', 'check_data', 'config_group', 'config_show', 'config_schema', 'train', 'eval_command',
+           'predict', 'export_command']
 
 # %% ../nbs/09_cli.ipynb #cfed6e73
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -52,7 +53,7 @@ def _summaries_of_folder(path: Path, progress: bool):
 @main.command("check-data")
 @click.argument("path", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A training config: check every dataset of its data block instead of a folder.")
+              help="A training config: check every dataset of its data and eval blocks instead of a folder.")
 @click.option("--strict", is_flag=True, help="Exit with status 1 when any problem is found.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar per scene on stderr.")
 def check_data(path: Path | None, config_file: Path | None, strict: bool, progress: bool):
@@ -64,6 +65,10 @@ def check_data(path: Path | None, config_file: Path | None, strict: bool, progre
     click.echo(format_summaries(summaries, label))
     if not any(summary.samples for summary in summaries):
         click.echo(f"{config_file or path}: no usable sample", err=True)
+        raise SystemExit(1)
+    if config_file is not None and (empty := [summary.name for summary in summaries if not summary.samples]):
+        click.echo(f"{config_file}: no usable sample in {', '.join(empty)}; a dataset that matches nothing is refused "
+                   f"(see its problems above)", err=True)
         raise SystemExit(1)
     if strict and any(summary.problems for summary in summaries): raise SystemExit(1)
 
@@ -116,6 +121,8 @@ from .train.options import DEFAULT_CONFIG, DEFAULT_WORKSPACE
 @_train_options
 def train(config_file: Path, workspace: Path, trust_checkpoint: bool, **options):
     "Train a stereo model (the spec's scripts/train.py; run it under `accelerate launch` for several GPUs)."
+    from stereo_kit.train.options import prepare_cpu_environment
+    prepare_cpu_environment()                     # before torch is imported: OpenMP reads it once
     from stereo_kit.config import ConfigError
     from stereo_kit.data.loader import DataQualityError
     from stereo_kit.io import StereoIOError
@@ -135,64 +142,201 @@ main.add_command(train)
 
 # %% ../nbs/09_cli.ipynb #57a0f1d5
 def _load_model(checkpoint: Path):
+    "The model of a weights file, on the GPU when there is one (`eval` and `predict` run where it is)."
+    import torch
     from stereo_kit.models import load_weights
     from stereo_kit.io import StereoIOError
-    try: return load_weights(checkpoint)
+    try: model = load_weights(checkpoint)
     except StereoIOError as error: raise click.ClickException(str(error))
+    return model.to("cuda" if torch.cuda.is_available() else "cpu")
 
-@main.command("eval")
-@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A weights file (a run's checkpoint/NNNNNNNN.pt or _ema.pt).")
-@click.option("--config", "config_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A training config: its eval block names the datasets.")
-@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON instead of a table.")
-@click.option("--sgbm/--no-sgbm", default=True, help="Also score OpenCV's StereoSGBM as a classical reference.")
-def eval_command(checkpoint: Path, config_file: Path, as_json: bool, sgbm: bool):
-    "Metrics (EPE, bad-1/2/3, D1, RMSE) of a model on the config's eval datasets, beside StereoSGBM."
+# %% ../nbs/09_cli.ipynb #fed09e03
+BENCHMARK_NAMES = ("eth3d", "kitti2012", "kitti2015", "middlebury", "sceneflow")    # stereo_kit.benchmarks.BENCHMARKS
+
+def _eval_config(config_file: Path):
+    "The resolved config whose eval datasets all match samples (checked before any model is loaded)."
     from stereo_kit.config import ConfigError, resolve_config
-    from stereo_kit.train.evaluate import evaluate, format_results, predict_disparity, sgbm_disparity
+    from stereo_kit.data.datasets import EmptyDatasetError
+    from stereo_kit.train.evaluate import check_eval_datasets
     try: config = resolve_config(_read_config(config_file), source=str(config_file))
     except ConfigError as error: _fail_with_problems(config_file, error.problems)
     if not config.eval.datasets: raise click.ClickException(f"{config_file}: eval.datasets is empty: nothing to evaluate on")
+    try: check_eval_datasets(config.eval.datasets)
+    except EmptyDatasetError as error: raise click.ClickException(f"{config_file}: {error}")
+    return config
+
+def _benchmark_runs(benchmarks, data_root: Path | None, resolution: str, render_pass: str) -> list[tuple[str, str, Path]]:
+    "`(benchmark, variant, root)` of each benchmark, each checked to hold samples before any model is loaded."
+    from stereo_kit.benchmarks import BENCHMARKS, benchmark_samples
+    from stereo_kit.data.datasets import EmptyDatasetError
+    runs = []
+    for name in benchmarks:
+        variant = {"middlebury": resolution, "sceneflow": render_pass}.get(name)
+        root = data_root or Path(BENCHMARKS[name].default_root)
+        try: benchmark_samples(name, root, variant)
+        except (EmptyDatasetError, FileNotFoundError) as error:
+            raise click.ClickException(f"{error}" + ("" if data_root else " (give its folder with --data)"))
+        runs.append((name, variant, root))
+    return runs
+
+# %% ../nbs/09_cli.ipynb #d5a8a74d
+@main.command("eval")
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A weights file (a run's checkpoint/NNNNNNNN.pt or _ema.pt).")
+@click.option("--benchmark", "benchmarks", multiple=True, type=click.Choice(BENCHMARK_NAMES),
+              help="A public benchmark, scored by its own protocol (repeat for several).")
+@click.option("--data", "data_root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The benchmark's folder (default: its datasets/... folder, see stereo_kit.benchmarks).")
+@click.option("--resolution", type=click.Choice(["Q", "H", "F"]), default="H", show_default=True,
+              help="middlebury: the MiddEval3 resolution (never mixed).")
+@click.option("--pass", "render_pass", type=click.Choice(["finalpass", "cleanpass"]), default="finalpass",
+              show_default=True, help="sceneflow: the FlyingThings3D TEST pass.")
+@click.option("--max-samples", type=click.IntRange(min=1), default=None, help="Score only the first N samples.")
+@click.option("--error-maps", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write the model's per-image error maps (PNG) and per_image.json into this folder.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A training config: score its eval datasets (instead of, or beside, benchmarks).")
+@click.option("--max-disparity", type=click.FloatRange(min=1), default=192.0, show_default=True,
+              help="StereoSGBM's range where a benchmark states none.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON instead of a table.")
+@click.option("--sgbm/--no-sgbm", default=True, help="Also score OpenCV's StereoSGBM as a classical reference.")
+def eval_command(checkpoint: Path, benchmarks: tuple[str, ...], data_root: Path | None, resolution: str,
+                 render_pass: str, max_samples: int | None, error_maps: Path | None, config_file: Path | None,
+                 max_disparity: float, as_json: bool, sgbm: bool):
+    "Score a model on public benchmarks (--benchmark) or a config's eval datasets (--config), beside StereoSGBM."
+    if not benchmarks and config_file is None: raise click.UsageError("give --benchmark NAME (repeatable) or --config FILE")
+    if data_root is not None and len(benchmarks) != 1: raise click.UsageError("--data is the folder of one --benchmark")
+    config = _eval_config(config_file) if config_file is not None else None
+    runs = _benchmark_runs(benchmarks, data_root, resolution, render_pass)
     model = _load_model(checkpoint)
-    max_disparity = config.eval.max_disparity or config.data.max_disparity
-    results = {checkpoint.name: evaluate(lambda left, right: predict_disparity(model, left, right), config.eval.datasets,
-                                         max_disparity, progress=True)}
-    if sgbm:
-        results["StereoSGBM"] = evaluate(lambda left, right: sgbm_disparity(left, right, max_disparity), config.eval.datasets,
-                                   max_disparity)
-    click.echo(json.dumps(results, indent=2) if as_json else format_results(results))
+    from stereo_kit.benchmarks import SGBMReference, format_benchmark_results, run_benchmark
+    from stereo_kit.train.evaluate import evaluate, format_results, predict_disparity
+    predict = lambda left, right, disparity_range=None: predict_disparity(model, left, right)
+    tables, notes, scores = [], [], {}
+    if config is not None:
+        limit = config.eval.max_disparity or config.data.max_disparity
+        reference = SGBMReference(limit)
+        methods = {checkpoint.name: predict, **({"StereoSGBM": reference} if sgbm else {})}
+        rows = {method: evaluate(run, config.eval.datasets, limit, progress=True)
+                for method, run in methods.items()}
+        notes += [f"{name}: {len(m['index_problem_list'])} problem(s) while indexing, e.g. {m['index_problem_list'][0]}"
+                  for name, m in rows[checkpoint.name].items() if m.get("index_problem_list")] + [reference.note]
+        scores["eval_datasets"], tables = rows, [format_results(rows)]
+    if runs:
+        reference = SGBMReference(max_disparity)
+        methods = {checkpoint.name: predict, **({"StereoSGBM": reference} if sgbm else {})}
+        rows = {method: {} for method in methods}
+        for name, variant, root in runs:
+            for method, run in methods.items():
+                maps = error_maps / method if error_maps is not None and method == checkpoint.name else None
+                result = run_benchmark(run, name, root, variant, max_samples, maps, progress=True)
+                rows[method][f"{name}-{variant}" if variant else name] = result
+            notes += [f"{name}: {problem}" for problem in result["index_problems"]]
+        notes.append(reference.note)
+        scores["benchmarks"] = rows
+        tables.append(format_benchmark_results(rows))
+    for note in filter(None, notes): click.echo(note, err=True)
+    from stereo_kit.train.checkpoint import run_summary
+    if run := run_summary(checkpoint):                  # a run's checkpoint: what the score cost
+        click.echo(f"{checkpoint}: step {run['step']} of the run in {run['workspace']}, {run['minutes']:.1f} min of "
+                   "wall clock to get there (build, data, steps, evaluations and saves)", err=as_json)
+    click.echo(json.dumps(scores if len(scores) > 1 else next(iter(scores.values())), indent=2) if as_json
+               else "\n\n".join(tables))
 
 # %% ../nbs/09_cli.ipynb #90a92d44
 _SUFFIX_FORMATS = {".png": "depth_uint8", ".pfm": "pfm"}
 
+def _pair_predictor(checkpoint: Path | None, onnx_file: Path | None, iters: int | None, threads: int | None):
+    "(left, right) RGB -> disparity: the PyTorch model of a weights file, or an ONNX file run by onnxruntime (no torch)."
+    if (checkpoint is None) == (onnx_file is None): raise click.UsageError("give --checkpoint FILE or --onnx FILE (one of them)")
+    if onnx_file is None:
+        if threads is not None: raise click.UsageError("--threads applies to --onnx (PyTorch reads OMP_NUM_THREADS)")
+        from stereo_kit.train.evaluate import predict_disparity
+        model = _load_model(checkpoint)
+        return lambda left, right: predict_disparity(model, left, right, iters=iters)
+    if iters is not None: raise click.UsageError("--iters: an ONNX file runs the iterations fixed when it was exported")
+    from stereo_kit.export import OnnxStereo
+    from stereo_kit.io import StereoIOError
+    try: return OnnxStereo(onnx_file, threads)
+    except (StereoIOError, ImportError) as error: raise click.ClickException(str(error))
+
 @main.command("predict")
-@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="A weights file (a run's checkpoint/NNNNNNNN.pt or _ema.pt).")
+@click.option("--onnx", "onnx_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Instead of --checkpoint: a file from `stereo-kit export`, run by onnxruntime (torch is not imported).")
 @click.argument("left", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("right", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Disparity file to write (.png: FoundationStereo 8-bit RGB, .pfm; see --format).")
 @click.option("--format", "format_", type=click.Choice(["depth_uint8", "pfm", "kitti_png"]), default=None,
               help="Disparity format (default: from the suffix of --output).")
-@click.option("--iters", type=int, default=None, help="GRU iterations (default: the model's valid_iters).")
-def predict(checkpoint: Path, left: Path, right: Path, output: Path, format_: str | None, iters: int | None):
-    "Disparity of one rectified pair, any size; also writes OUTPUT's colour preview (<stem>_color.png)."
+@click.option("--iters", type=int, default=None, help="GRU iterations (default: the model's valid_iters; an ONNX file has its own).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="With --onnx: onnxruntime's threads (default: one per core).")
+def predict(checkpoint: Path | None, onnx_file: Path | None, left: Path, right: Path, output: Path, format_: str | None,
+            iters: int | None, threads: int | None):
+    "Disparity of one rectified pair, any size (an ONNX file: its export size); also writes OUTPUT's colour preview."
     from stereo_kit.io import StereoIOError, read_image, write_disparity, write_image
-    from stereo_kit.train.evaluate import predict_disparity
     from stereo_kit.viz import colorize_disparity
     format_ = format_ or _SUFFIX_FORMATS.get(output.suffix.lower())
     if format_ is None: raise click.UsageError(f"--output {output}: cannot tell the format from {output.suffix!r}; give --format")
-    model = _load_model(checkpoint)
+    predict_pair = _pair_predictor(checkpoint, onnx_file, iters, threads)
     try:
         left_image, right_image = read_image(left), read_image(right)
         if left_image.shape != right_image.shape:
             raise click.ClickException(f"{right}: size {right_image.shape[1]}×{right_image.shape[0]} differs from the "
                                        f"left image's {left_image.shape[1]}×{left_image.shape[0]}")
-        disparity = predict_disparity(model, left_image, right_image, iters=iters)
+        disparity = predict_pair(left_image, right_image)
         write_disparity(output, disparity, format_)
         preview = output.with_name(f"{output.stem}_color.png")
         write_image(preview, colorize_disparity(disparity))
     except StereoIOError as error: raise click.ClickException(str(error))
     click.echo(f"{output}: {disparity.shape[1]}×{disparity.shape[0]} disparity, {disparity.min():.2f}-"
                f"{disparity.max():.2f} px ({format_}); preview {preview}")
+
+# %% ../nbs/09_cli.ipynb #445c2db6
+def _export_model(checkpoint: Path | None, config_file: Path | None, trust_checkpoint: bool):
+    "The model to export, on the CPU: from a weights file, or the model block of a training config."
+    from stereo_kit.config import ConfigError
+    from stereo_kit.io import StereoIOError
+    from stereo_kit.models import build_model, load_weights
+    if (checkpoint is None) == (config_file is None): raise click.UsageError("give --checkpoint FILE or --config FILE (one of them)")
+    if trust_checkpoint and config_file is None: raise click.UsageError("--trust_checkpoint applies to --config")
+    try:
+        if checkpoint is not None: return load_weights(checkpoint)
+        config = _read_config(config_file)
+        if trust_checkpoint and isinstance(config.get("model"), dict): config["model"]["trust_checkpoint"] = True
+        return build_model(config)
+    except ConfigError as error: _fail_with_problems(config_file, error.problems)
+    except StereoIOError as error: raise click.ClickException(str(error))
+
+@main.command("export")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A weights file (a run's checkpoint/NNNNNNNN.pt or _ema.pt).")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Instead of --checkpoint: a training config; its model block is built as `train` builds it.")
+@click.option("--trust_checkpoint", is_flag=True,
+              help="With --config: load an official model.checkpoint that holds more than tensors (runs code from the "
+                   "file: only for files you trust)")
+@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The ONNX file to write.")
+@click.option("--height", required=True, type=click.IntRange(min=1), help="Image height (with --dynamic: the one checked).")
+@click.option("--width", required=True, type=click.IntRange(min=1), help="Image width (with --dynamic: the one checked).")
+@click.option("--iters", type=click.IntRange(min=1), default=None,
+              help="Refinement iterations, fixed in the file (default: the model's valid_iters).")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Pairs per run, fixed in the file.")
+@click.option("--dynamic", is_flag=True,
+              help="Any height and width: the graph takes pairs padded to multiples of 32 (predict --onnx pads them).")
+@click.option("--fp16", is_flag=True, help="Layers with weights compute in float16; checked with the float16 tolerance.")
+@click.option("--tolerance", type=click.FloatRange(min=0), nargs=2, default=None, metavar="MAX MEAN",
+              help="Accept up to MAX px at any pixel and MEAN px on average (default: stereo_kit.export.TOLERANCE_PX).")
+def export_command(checkpoint: Path | None, config_file: Path | None, trust_checkpoint: bool, output: Path, height: int,
+                   width: int, iters: int | None, batch: int, dynamic: bool, fp16: bool,
+                   tolerance: tuple[float, float] | None):
+    "Write a model as ONNX, checked with onnxruntime against PyTorch; above the tolerance: exit 1, nothing written."
+    from stereo_kit.io import StereoIOError
+    model = _export_model(checkpoint, config_file, trust_checkpoint)
+    from stereo_kit.export import to_onnx
+    try: report = to_onnx(model, output, height, width, iters=iters, dynamic=dynamic, fp16=fp16, batch=batch,
+                          tolerance=tolerance)
+    except (StereoIOError, ImportError) as error: raise click.ClickException(str(error))
+    click.echo(str(report))

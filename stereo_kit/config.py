@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Optional
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+                      model_validator, WrapValidator)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .io import MAX_IMAGE_PIXELS
@@ -20,17 +20,19 @@ from .io import MAX_IMAGE_PIXELS
 # %% auto #0
 __all__ = ['PositiveNumber', 'NonNegativeNumber', 'Probability', 'Fraction', 'PositiveInt', 'NonNegativeInt', 'Range',
            'PositiveRange', 'NonNegativeRange', 'PositiveIntRange', 'ImageSize', 'NonEmptyString', 'MaxDisparity',
-           'LOSS_PARAMS', 'LABEL_TYPES', 'LabelType', 'DEFAULT_LOSS', 'LossConfig', 'DATASET_FORMATS',
-           'PROCEDURAL_FORMATS', 'ImageOp', 'MODEL_PRESETS', 'DEFAULT_PRESET', 'VIT_SIZE_NAMES', 'OFFICIAL_MODEL_FILE',
-           'MODEL_SOURCES', 'ModelBlock', 'SCHEDULERS', 'SchedulerConfig', 'ClipGradNorm', 'EmaDecay', 'BLOCKS',
-           'number', 'integer', 'number_range', 'Block', 'key_path', 'problem_message', 'format_problem', 'Params',
-           'HorizontalFlip', 'VerticalFlip', 'Scale', 'XStretch', 'VerticalShift', 'Jittering', 'Eraser', 'Noise',
-           'Blur', 'AugmentationConfig', 'LossParams', 'PixelLossParams', 'SmoothL1Params', 'MultiScaleParams',
-           'SequenceParams', 'GradientParams', 'LossTerm', 'FormatOptions', 'SceneFlowOptions', 'Kitti2015Options',
-           'Kitti2012Options', 'SyntheticOptions', 'DatasetFolder', 'DatasetConfig', 'unique_names', 'DataConfig',
-           'ModelConfig', 'OfficialModelConfig', 'ParamGroup', 'OptimizerConfig', 'WarmupCosine', 'OneCycle',
-           'StepDecay', 'Constant', 'EvalDataset', 'EvalConfig', 'TrainConfig', 'StereoConfig', 'cross_block_problems',
-           'validate_config', 'ConfigError', 'resolve_config', 'resolve_block', 'load_config', 'config_schema']
+           'LOSS_PARAMS', 'LABEL_TYPES', 'LabelType', 'DEFAULT_LOSS', 'LossConfig', 'NAMED_DISPARITY_FORMATS',
+           'DATASET_FORMATS', 'PROCEDURAL_FORMATS', 'ImageOp', 'MODEL_PRESETS', 'DEFAULT_PRESET', 'VIT_SIZE_NAMES',
+           'OFFICIAL_MODEL_FILE', 'MODEL_SOURCES', 'ModelBlock', 'SCHEDULERS', 'SchedulerConfig', 'ClipGradNorm',
+           'EmaDecay', 'BLOCKS', 'number', 'integer', 'number_range', 'Block', 'key_path', 'problem_message',
+           'format_problem', 'Params', 'HorizontalFlip', 'VerticalFlip', 'Scale', 'XStretch', 'VerticalShift',
+           'Jittering', 'Eraser', 'Noise', 'Blur', 'AugmentationConfig', 'LossParams', 'PixelLossParams',
+           'SmoothL1Params', 'MultiScaleParams', 'SequenceParams', 'GradientParams', 'LossTerm', 'FormatOptions',
+           'StandardOptions', 'SceneFlowOptions', 'Kitti2015Options', 'Kitti2012Options', 'MiddEval3Options',
+           'SintelOptions', 'TartanAirOptions', 'DrivingStereoOptions', 'SyntheticOptions', 'DatasetFolder',
+           'DatasetConfig', 'unique_names', 'finite_weight_sum', 'list_checks', 'DataConfig', 'ModelConfig',
+           'OfficialModelConfig', 'ParamGroup', 'OptimizerConfig', 'WarmupCosine', 'OneCycle', 'StepDecay', 'Constant',
+           'EvalDataset', 'EvalConfig', 'TrainConfig', 'StereoConfig', 'cross_block_problems', 'validate_config',
+           'ConfigError', 'resolve_config', 'resolve_block', 'load_config', 'config_schema']
 
 # %% ../nbs/01_config.ipynb #582adeec
 def _fail(expected: str):
@@ -300,6 +302,14 @@ class FormatOptions(Block):
     "Options of one dataset format."
     model_config = ConfigDict(frozen=True)
 
+# disparity files whose encoding cannot be told from the file: a 16-bit PNG is /256 (KITTI), /32 (CREStereo) or
+# /100 (InStereo2K); stereo_kit.data.datasets registers each under this name
+NAMED_DISPARITY_FORMATS = ("depth_uint8", "pfm", "kitti_png", "png16_32", "png16_100", "png8")
+
+class StandardOptions(FormatOptions):
+    # None: .pfm is PFM, .png is FoundationStereo's 8-bit RGB; a 16-bit PNG is refused until its encoding is named
+    disparity_format: Optional[Literal[NAMED_DISPARITY_FORMATS]] = None
+
 class SceneFlowOptions(FormatOptions):
     frames_folder: NonEmptyString = "frames_cleanpass"
     split: Optional[NonEmptyString] = None      # e.g. "TRAIN" or "TEST": keep only paths with this folder
@@ -310,20 +320,38 @@ class Kitti2015Options(FormatOptions):
 class Kitti2012Options(FormatOptions):
     disparity_folder: NonEmptyString = "disp_occ"
 
+class MiddEval3Options(FormatOptions):
+    resolution: Optional[Literal["Q", "H", "F"]] = None     # None: the trainingQ/H/F folder found (only one may be)
+
+class SintelOptions(FormatOptions):
+    passes: Annotated[list[Literal["clean", "final"]], Field(min_length=1)] = ["clean", "final"]
+
+class TartanAirOptions(FormatOptions):
+    difficulties: Annotated[list[Literal["Easy", "Hard"]], Field(min_length=1)] = ["Easy", "Hard"]
+
+class DrivingStereoOptions(FormatOptions):
+    split: Literal["train", "test"] = "train"   # <split>-left-image, <split>-right-image, <split>-disparity-map
+
 DATASET_FORMATS: dict[str, type[FormatOptions]] = {
-    "standard": FormatOptions, "sceneflow": SceneFlowOptions, "kitti2015": Kitti2015Options,
+    "standard": StandardOptions, "sceneflow": SceneFlowOptions, "kitti2015": Kitti2015Options,
     "kitti2012": Kitti2012Options, "middlebury": FormatOptions, "middlebury2014": FormatOptions,
-    "middeval3": FormatOptions, "eth3d": FormatOptions,
+    "middeval3": MiddEval3Options, "eth3d": FormatOptions,
+    # the public training mixture (stereo_kit.data.datasets: one reader each, in its official layout)
+    "crestereo": FormatOptions, "sintel": SintelOptions, "fallingthings": FormatOptions, "instereo2k": FormatOptions,
+    "vkitti2": FormatOptions, "tartanair": TartanAirOptions, "spring": FormatOptions,
+    "drivingstereo": DrivingStereoOptions, "middlebury2005": FormatOptions, "middlebury2006": FormatOptions,
 }
 
 # %% ../nbs/01_config.ipynb #5c6fb7c4
 class SyntheticOptions(FormatOptions):
-    "What `data.synthetic` renders: scene kinds, image size, disparity range, foreground surfaces per scene."
-    kinds: Annotated[list[Literal["planes", "objects"]], Field(min_length=1)] = ["planes", "objects"]   # drawn uniformly
+    "What `data.synthetic` renders: scene kinds, image size, disparity range, foreground surfaces, texture photographs."
+    # drawn uniformly; 'things': objects with photo textures in a room, shaded (data.synthetic); the others: flat shapes
+    kinds: Annotated[list[Literal["things", "planes", "objects"]], Field(min_length=1)] = ["planes", "objects"]
     size: ImageSize = (448, 320)                    # [W, H] rendered, before augmentation and the batch's crop
     min_disparity: PositiveNumber = 4.0             # px, about the farthest depth drawn
     max_disparity: PositiveNumber = 64.0            # px, about the nearest
     objects: PositiveIntRange = (2, 6)              # foreground surfaces per scene, drawn uniformly in [low, high]
+    textures: Optional[NonEmptyString] = None       # 'things': a folder of photographs (e.g. COCO); None: scikit-image's
 
     @model_validator(mode="after")
     def _disparity_range(self):
@@ -376,17 +404,41 @@ class DatasetConfig(DatasetFolder):
     image_augmentation: list[ImageOp] = []
 
 # %% ../nbs/01_config.ipynb #dadc3ba0
-def unique_names(entries: list) -> list:
-    "Refuse a list of datasets where a name is used twice: names key the mixture's logs, metrics and summaries."
-    names = [entry.name for entry in entries]
-    if duplicates := sorted({name for name in names if names.count(name) > 1}):
-        _fail(f"expected unique dataset names; {duplicates} used more than once")
-    return entries
+def _raw_entries(entries) -> list[dict]:
+    return [entry for entry in entries if isinstance(entry, dict)] if isinstance(entries, list) else []
+
+def unique_names(entries) -> list[str]:
+    "Problems of a list of datasets where a name is used twice: names key the mixture's logs, metrics and summaries."
+    names = [entry["name"] for entry in _raw_entries(entries) if isinstance(entry.get("name"), str)]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    return [f"expected unique dataset names; {duplicates} used more than once"] if duplicates else []
+
+def finite_weight_sum(entries) -> list[str]:
+    "Problems of weights, each finite and positive, whose sum is not (1e308 twice): the mixture draws by weight / sum."
+    weights = [entry.get("weight", 1.0) for entry in _raw_entries(entries)]
+    if not weights or not all(_is_number(weight) and weight > 0 for weight in weights): return []   # each reports its own
+    total = sum(float(weight) for weight in weights)
+    if math.isfinite(total) and total > 0: return []
+    return [f"the weights sum to {total:g}; expected a finite positive sum (weights are relative: scale them all down)"]
+
+def list_checks(*checks) -> WrapValidator:
+    """A validator running each `check(raw list) -> problems` on the list as given, so that its problems are reported
+    together with every entry's own (a check after the entries are parsed would run only when all of them parse)."""
+    def validate(entries, handler):
+        problems = [InitErrorDetails(type=PydanticCustomError("rule", "{message}", {"message": problem}), loc=(),
+                                     input=entries) for check in checks for problem in check(entries)]
+        try: parsed = handler(entries)
+        except ValidationError as error:
+            if not problems: raise
+            raise ValidationError.from_exception_data("list", [_custom(e) for e in error.errors()] + problems) from None
+        if problems: raise ValidationError.from_exception_data("list", problems)
+        return parsed
+    return WrapValidator(validate)
 
 # %% ../nbs/01_config.ipynb #7987ffb1
 class DataConfig(Block):
     "The `data` block: datasets and their mixture, batch image sizes, augmentation, loading."
-    datasets: Annotated[list[DatasetConfig], Field(min_length=1), AfterValidator(unique_names)]
+    datasets: Annotated[list[DatasetConfig], Field(min_length=1), list_checks(unique_names, finite_weight_sum)]
     image_sizes: Annotated[list[ImageSize], Field(min_length=1)]        # [W, H], one drawn per batch
     max_disparity: PositiveNumber                                       # px; larger ground truth is invalid
     stereo_augmentation: bool = True                                    # the geometric ops
@@ -634,7 +686,7 @@ class EvalDataset(DatasetFolder):
 class EvalConfig(Block):
     "The `eval` block."
     every: NonNegativeInt = 0                            # steps; 0: only at the end of the run
-    datasets: Annotated[list[EvalDataset], AfterValidator(unique_names)] = []
+    datasets: Annotated[list[EvalDataset], list_checks(unique_names)] = []
     max_disparity: Optional[PositiveNumber] = None       # None: data.max_disparity
 
 
@@ -644,6 +696,9 @@ class TrainConfig(Block):
     max_nonfinite_steps: PositiveInt = 20                        # skipped steps in a row before the run stops
     keep_checkpoints: Optional[PositiveInt] = None               # None: keep every checkpoint
     num_workers: Optional[NonNegativeInt] = None                 # None: data.num_workers
+    # layout and compilation: off until scripts/gpu_check.sh measures a gain on your GPU (README, Training for real)
+    channels_last: bool = False        # conv weights channels-last (2-D convs) and channels-last-3d (cost filter)
+    compile: bool = False              # torch.compile the model in place; the first steps compile (minutes)
 
 ClipGradNorm = Optional[PositiveNumber]
 EmaDecay = number("expected a number in (0, 1)", lambda v: 0 < v < 1, gt=0, lt=1)
@@ -696,7 +751,17 @@ def cross_block_problems(blocks: dict) -> list[str]:
                      f"(it has {sorted(loss)})" for i, entry in enumerate(data.datasets) if entry.label_type not in loss]
         used = {entry.label_type for entry in data.datasets}
         problems += [f"loss.{label}: no dataset has label_type {label!r}" for label in loss if label not in used]
+    if model is not None and loss is not None: problems += _prediction_count_problems(model, loss)
     return problems
+
+def _prediction_count_problems(model, loss: dict) -> list[str]:
+    "multi_scale_loss terms with more weights than the model has predictions in training (initial + one per iteration)."
+    predictions = model.train_iters + 1
+    return [f"loss.{label}.{name}.params.weights: {len(term.params['weights'])} weights, but model.train_iters="
+            f"{model.train_iters} gives {predictions} prediction(s) to score (the initial disparity and one per "
+            f"iteration); raise model.train_iters or give at most {predictions} weight(s)"
+            for label, terms in loss.items() for name, term in terms.items()
+            if term.function == "multi_scale_loss" and len(term.params["weights"]) > predictions]
 
 # %% ../nbs/01_config.ipynb #fa7007d0
 def validate_config(config, check_paths: bool = True) -> list[str]:
@@ -707,7 +772,11 @@ def validate_config(config, check_paths: bool = True) -> list[str]:
     blocks = {}
     for name in BLOCKS:
         if name not in config:
-            if StereoConfig.model_fields[name].is_required(): problems.append(f"{name}: required block missing")
+            field = StereoConfig.model_fields[name]
+            if field.is_required(): problems.append(f"{name}: required block missing")
+            # a default block meets the others' rules too (the default loss and model.train_iters); not the default
+            # model: a config without one often only describes data (check-data, eval of a checkpoint's own model)
+            elif name != "model": blocks[name] = _validate_block(name, field.get_default(), False)[0]
             continue
         blocks[name], block_problems = _validate_block(name, config[name], check_paths)
         problems += block_problems
@@ -745,8 +814,12 @@ def resolve_block(name: str, block, check_paths: bool = True):
 def load_config(path) -> dict:
     "Read a JSON config file as a dict; a missing or malformed file raises `ConfigError` naming it."
     path = Path(path)
-    try: text = path.read_text()
+    try: text = path.read_text(encoding="utf-8")        # JSON is UTF-8 (RFC 8259), whatever the locale says
     except OSError as error: raise ConfigError([f"cannot read the file ({error.strerror or error})"], str(path)) from None
+    except UnicodeDecodeError as error:
+        line = error.object[:error.start].count(b"\n") + 1
+        raise ConfigError([f"not UTF-8 text: byte 0x{error.object[error.start]:02x} at line {line}, offset "
+                           f"{error.start} cannot be decoded ({error.reason}); save the file as UTF-8"], str(path)) from None
     try: return json.loads(text)
     except json.JSONDecodeError as error:
         raise ConfigError([f"not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}"], str(path)) from None

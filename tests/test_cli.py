@@ -79,6 +79,23 @@ def test_eval_prints_the_model_beside_stereo_sgbm(tmp_path, tiny_weights, data_s
     assert table.returncode == 0 and table.stdout.splitlines()[1].split()[:3] == ["tiny.pt", "planes", "1"]
 
 
+def test_eval_of_a_runs_checkpoint_prints_the_minutes_the_run_took(tmp_path, data_samples):
+    from stereo_kit.models import build_model
+    from stereo_kit.train.checkpoint import Workspace, rng_state, save_checkpoint
+    model = build_model({"preset": "tiny", "max_disp": 96, "valid_iters": 2})
+    workspace = Workspace(tmp_path / "run")
+    save_checkpoint(workspace, 600, model, {"data_step": 600, "rng": rng_state(), "elapsed_seconds": 543.0}, model)
+    config = {"data": {"datasets": [{"name": "synthetic", "format": "synthetic"}], "image_sizes": [[64, 48]],
+                       "max_disparity": 96},
+              "eval": {"datasets": [{"name": "planes", "path": str(data_samples / "rendered_planes"), "max_samples": 1}]}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = run("eval", "--checkpoint", str(workspace.ema(600)), "--config", str(tmp_path / "config.json"), "--no-sgbm")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == (f"{workspace.ema(600)}: step 600 of the run in {workspace.root}, 9.1 min of "
+                                             "wall clock to get there (build, data, steps, evaluations and saves)")
+    assert result.stdout.splitlines()[2].split()[:2] == ["00000600_ema.pt", "planes"]
+
+
 @pytest.mark.parametrize("output, format", [("out.png", "depth_uint8"), ("out.pfm", "pfm"), ("kitti.png", "kitti_png")])
 def test_predict_writes_every_disparity_format_and_a_preview(tmp_path, tiny_weights, data_samples, output, format):
     from stereo_kit.io import read_disparity, read_image

@@ -62,7 +62,7 @@ BAD_CONFIGS = [
     ("data.datasets.0.image_augmentation", ["jittering", "flip"],
      "data.datasets[0].image_augmentation[1]: expected one of ['jittering', 'eraser', 'noise', 'blur'], got 'flip'"),
     ("data.datasets.0.wieght", 1.0, "data.datasets[0].wieght: unknown key; expected one of"),
-    ("data.datasets.0.options", {"split": "TRAIN"}, "data.datasets[0].options.split: unknown key; expected one of []"),
+    ("data.datasets.0.options", {"split": "TRAIN"}, "data.datasets[0].options.split: unknown key; expected one of ['disparity_format']"),
     ("data.datasets.1.name", "samples", "data.datasets: expected unique dataset names; ['samples'] used more than once"),
     ("data.datasets", [], "data.datasets: expected a non-empty list, got []"),
     ("data.datasets", "samples", "data.datasets: expected a list, got 'samples'"),
@@ -159,7 +159,7 @@ def test_label_types_must_match_between_data_and_loss():
 def test_resolved_config_fills_every_default_once():
     resolved = resolve_config(good_config())
     assert resolved.data.augmentation.horizontal_flip.probability == 0.5
-    assert resolved.data.datasets[0].options == {} and resolved.data.datasets[0].format == "standard"
+    assert resolved.data.datasets[0].options == {"disparity_format": None} and resolved.data.datasets[0].format == "standard"
     assert resolved.loss["stereo"]["sequence"].params == {"gamma": 0.9, "max_disparity": None}
     assert resolved.model.n_gru_layers == 2 and resolved.model.max_disp == 96
     # the tables are the only source: a config that sets nothing gets exactly the table's values
@@ -240,3 +240,22 @@ def test_help_is_fast_and_imports_no_torch():
     start = time.perf_counter()
     subprocess.run(["stereo-kit", "--help"], capture_output=True, check=True)
     assert time.perf_counter() - start < 1.0           # about 0.15 s here; generous for a loaded CI machine
+
+
+def test_multi_scale_weights_beyond_the_models_predictions_are_refused_up_front(tmp_path):
+    # model.train_iters 1 gives 2 predictions (initial + one iteration); the default loss scores the last 3 of them
+    config = good_config()
+    del config["loss"]
+    config["model"]["train_iters"] = 1
+    expected = ("loss.stereo.multi_scale.params.weights: 3 weights, but model.train_iters=1 gives 2 prediction(s) to "
+                "score (the initial disparity and one per iteration); raise model.train_iters or give at most 2 weight(s)")
+    assert validate_config(config) == [expected]
+    with pytest.raises(ConfigError) as error:
+        resolve_config(config)
+    assert error.value.problems == [expected]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    result = CliRunner().invoke(main, ["check-data", "--config", str(path), "--no-progress"])
+    assert result.exit_code == 1 and expected in result.output
+    config["model"]["train_iters"] = 2
+    assert validate_config(config) == []

@@ -99,7 +99,8 @@ def test_check_data_with_the_quickstart_config():
     lines = result.stdout.splitlines()
     assert lines[0].split()[:2] == ["dataset", "samples"]
     rows = {line.split()[0]: line.split() for line in lines[1:] if line.strip()}
-    assert rows["synthetic"][1:3] == ["8", "448×320"] and rows["synthetic"][-2:] == ["0.0", "%"]   # 8 rendered samples
+    width, height = json.loads((ROOT / "configs" / "train" / "quickstart.json").read_text())["data"]["datasets"][0]["options"]["size"]
+    assert rows["synthetic"][1:3] == ["8", f"{width}×{height}"] and rows["synthetic"][-2:] == ["0.0", "%"]   # 8 rendered
 
 
 def test_check_data_config_reports_every_problem(tmp_path, data_samples):

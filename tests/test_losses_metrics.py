@@ -111,6 +111,7 @@ def test_accumulator_equals_per_image_metrics_numpy_and_torch():
         100 * ((error > 3) & (error > 0.05 * array["disparity"][mask])).mean(), rel=1e-9)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_autocast_float16_computes_in_float32():
     batch = {k: v.cuda() for k, v in example_batch(height=16, width=32).items()}

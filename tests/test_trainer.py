@@ -188,6 +188,8 @@ def test_resume_is_bit_identical(resume_runs):
         assert whole_state["optimizer"]["state"] and whole_state["ema_updates"] == step
         if step == 4:
             for state in (whole_state, resumed_state): del state["rng"]["torch"]  # see the next test
+        for state in (whole_state, resumed_state):                            # wall clock: the one thing that differs
+            assert 0 < state.pop("elapsed_seconds") < 600
         assert_identical(whole_state, resumed_state, f"training state of step {step}")  # optimizer, schedule, RNG, ...
     # the logged losses of the resumed steps are those of the uninterrupted run, to the bit
     assert [row["loss/total"] for row in whole.history[2:]] == [row["loss/total"] for row in resumed.history]
@@ -253,7 +255,7 @@ def test_save_cut_short_before_the_ema_leaves_no_complete_step(tmp_path):
 # --------------------------------------------------------------------------------------------- 3. corrupt latest.pt
 @pytest.mark.slow
 def test_truncated_latest_gives_one_line_error_and_step_still_resumes(tmp_path):
-    config = tiny_config()
+    config = {**tiny_config(), "lr_scheduler": {"name": "constant"}}    # a schedule a longer run may extend
     trainer(config, tmp_path / "run", num_iterations=2, save_every=1).fit()
     workspace, config_path = Workspace(tmp_path / "run"), write_config(tmp_path, config)
     data = workspace.latest.read_bytes()
@@ -531,3 +533,55 @@ def test_parameters_the_loss_never_reaches_are_named_at_build(tmp_path):
         warnings.simplefilter("error")                                  # every prediction scored: no warning
         run = trainer(tiny_config(), tmp_path / "other").build()
     assert not run.accelerator.ddp_handler.find_unused_parameters
+
+
+# ----------------------------------------------------------------------------- resuming with another --num_iterations
+def lr_by_step(run) -> dict:
+    return {row["step"]: row["lr/base"] for row in run.history}
+
+
+def test_resume_cannot_extend_a_schedule_laid_out_over_the_run(tmp_path):
+    # one_cycle is laid out over --num_iterations: asking a resumed run for more steps is refused before any step
+    config = tiny_config()
+    config["lr_scheduler"] = {"name": "one_cycle"}
+    trainer(config, tmp_path / "run", num_iterations=2).fit()
+    workspace = Workspace(tmp_path / "run")
+    from stereo_kit.train.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError) as error:
+        trainer(config, tmp_path / "run", num_iterations=4, checkpoint="latest").fit()
+    message = str(error.value)
+    assert message.startswith(f"{workspace.weights(2)}: --num_iterations 4 would extend a run whose lr_scheduler "
+                              "'one_cycle' is laid out over 2 steps") and "\n" not in message
+    assert "--num_iterations 2 or fewer" in message and f"--checkpoint {workspace.weights(2)}" in message
+    assert workspace.complete_steps() == [2]                          # nothing was trained or written
+    # the same through the command line: one line, exit status 1
+    result = run_train(cli_args(write_config(tmp_path, config), tmp_path / "run", num_iterations=4, checkpoint="latest"))
+    assert result.returncode == 1 and "would extend a run whose lr_scheduler 'one_cycle'" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_resume_that_stops_earlier_keeps_the_schedules_shape(tmp_path):
+    config = tiny_config()
+    config["lr_scheduler"] = {"name": "warmup_cosine", "warmup_steps": 1}
+    whole = trainer(config, tmp_path / "whole", num_iterations=4)
+    whole.fit()
+    stopped = trainer(config, tmp_path / "stopped", num_iterations=4, callbacks=[InterruptAt(2)])
+    stopped.fit()
+    assert Workspace(tmp_path / "stopped").complete_steps() == [2]
+    shorter = trainer(config, tmp_path / "stopped", num_iterations=3, checkpoint="latest")
+    shorter.fit()
+    assert lr_by_step(shorter)[3] == lr_by_step(whole)[3]              # the 4-step cosine, ended a step early
+    assert lr_by_step(whole)[3] > lr_by_step(whole)[4]
+
+
+def test_a_schedule_independent_of_the_length_extends(tmp_path):
+    config = tiny_config()
+    config["lr_scheduler"] = {"name": "step", "step_size": 1, "gamma": 0.5}
+    whole = trainer(config, tmp_path / "whole", num_iterations=4)
+    whole.fit()
+    trainer(config, tmp_path / "extended", num_iterations=2).fit()
+    extended = trainer(config, tmp_path / "extended", num_iterations=4, checkpoint="latest")
+    extended.fit()
+    assert Workspace(tmp_path / "extended").complete_steps()[-1] == 4
+    assert lr_by_step(extended) == {3: lr_by_step(whole)[3], 4: lr_by_step(whole)[4]}
+    assert_identical(state_of(extended.unwrapped), state_of(whole.unwrapped))      # the same run, in two parts

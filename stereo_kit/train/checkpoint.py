@@ -22,7 +22,7 @@ from ..models.weights import save_weights
 # %% auto #0
 __all__ = ['LATEST_FORMAT', 'TRAINING_STATE_FORMAT', 'CheckpointError', 'Workspace', 'WorkspaceLock', 'rng_state',
            'set_rng_state', 'save_checkpoint', 'remove_checkpoint', 'latest_step', 'ResumePoint', 'find_checkpoint',
-           'load_training_state']
+           'load_training_state', 'run_of', 'run_summary']
 
 # %% ../../nbs/06b_train_checkpoint.ipynb #e08f9a15
 class CheckpointError(StereoIOError):
@@ -103,7 +103,9 @@ LATEST_FORMAT = "stereo_kit.latest.v1"
 TRAINING_STATE_FORMAT = "stereo_kit.training_state.v1"
 
 def _save(path: Path, value):
-    with atomic_path(path) as temporary: torch.save(value, temporary)
+    # through a Python file, as `save_weights` does: a full disk or the file-size limit then raises its OSError, which
+    # atomic_path reports naming `path` (torch's own file writer only says "unexpected pos")
+    with atomic_path(path) as temporary, open(temporary, "wb") as file: torch.save(value, file)
 
 def save_checkpoint(workspace: Workspace, step: int, model, training_state: dict, ema_model=None,
                     keep_last: int | None = None) -> Path:
@@ -178,3 +180,22 @@ def load_training_state(workspace: Workspace, step: int) -> dict:
     if state.get("format") != TRAINING_STATE_FORMAT or state.get("step") != step:
         raise CheckpointError(workspace.training_state(step), f"not the training state of step {step}")
     return state
+
+# %% ../../nbs/06b_train_checkpoint.ipynb #7d268bf0
+def run_of(weights) -> tuple[Workspace, int] | None:
+    "The workspace and step of a weights file saved by a run (`<workspace>/checkpoint/NNNNNNNN[_ema].pt`), else None."
+    path = Path(weights)
+    name = path.name.removesuffix(".pt").removesuffix("_ema")
+    if path.parent.name != "checkpoint" or len(name) != 8 or not name.isdigit() or not path.name.endswith(".pt"):
+        return None
+    return Workspace(path.parent.parent), int(name)
+
+def run_summary(weights) -> dict | None:
+    "`{'workspace', 'step', 'minutes'}` of the run that saved `weights`; None when it is not a run's checkpoint."
+    found = run_of(weights)
+    if found is None: return None
+    workspace, step = found
+    try: state = load_training_state(workspace, step)
+    except CheckpointError: return None
+    seconds = state.get("elapsed_seconds")
+    return None if seconds is None else {"workspace": str(workspace.root), "step": step, "minutes": seconds / 60}

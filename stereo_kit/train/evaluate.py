@@ -8,16 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import cv2
 import numpy as np
 import torch
 
 from ..config import EvalDataset
-from ..data.datasets import SamplePaths, index_dataset, read_sample
+from ..data.datasets import (EmptyDatasetError, SampleIndex, SamplePaths, describe_index, index_dataset,
+                                      read_sample)
 from ..metrics import error_sums, metrics_from_sums
+from ..benchmarks import SGBMReference, fill_holes, sgbm_disparity, sgbm_range
 
 # %% auto #0
-__all__ = ['METRIC_COLUMNS', 'predict_disparity', 'fill_holes', 'sgbm_disparity', 'eval_samples', 'evaluate', 'format_results']
+__all__ = ['METRIC_COLUMNS', 'predict_disparity', 'eval_index', 'check_eval_datasets', 'eval_samples', 'evaluate',
+           'format_results']
 
 # %% ../../nbs/06c_train_evaluate.ipynb #6d5b4f02
 @torch.no_grad()
@@ -34,38 +36,24 @@ def predict_disparity(model: torch.nn.Module, left: np.ndarray, right: np.ndarra
     finally: model.train(was_training)
     return disparity[0, 0].float().cpu().numpy()
 
-# %% ../../nbs/06c_train_evaluate.ipynb #9614268a
-def fill_holes(disparity: np.ndarray) -> np.ndarray:
-    "Fill NaN runs of each row with the smaller of the valid values at their two ends (background interpolation)."
-    height, width = disparity.shape
-    valid = np.isfinite(disparity)
-    if valid.all() or not valid.any(): return np.nan_to_num(disparity, nan=0.0)
-    columns = np.broadcast_to(np.arange(width), (height, width))
-    last = np.maximum.accumulate(np.where(valid, columns, -1), axis=1)                        # nearest valid on the left
-    next_ = np.minimum.accumulate(np.where(valid, columns, width)[:, ::-1], axis=1)[:, ::-1]  # ... and on the right
-    rows = np.arange(height)[:, None]
-    padded = np.concatenate([disparity, np.full((height, 1), np.inf)], axis=1)               # column `width`: none
-    left_value = np.where(last >= 0, padded[rows, np.maximum(last, 0)], np.inf)
-    right_value = padded[rows, np.minimum(next_, width)]
-    filled = np.where(valid, disparity, np.minimum(left_value, right_value))
-    return np.where(np.isfinite(filled), filled, 0.0).astype(np.float32)            # a row without any match: 0
-
-def sgbm_disparity(left: np.ndarray, right: np.ndarray, max_disparity: float, block_size: int = 5) -> np.ndarray:
-    "OpenCV semi-global matching of an RGB uint8 pair: dense (H, W) float32 disparity, holes filled."
-    disparities = int(np.ceil(max_disparity / 16) * 16)
-    matcher = cv2.StereoSGBM_create(minDisparity=0, numDisparities=disparities, blockSize=block_size,
-                                    P1=8 * 3 * block_size**2, P2=32 * 3 * block_size**2, uniquenessRatio=5,
-                                    speckleWindowSize=100, speckleRange=2, disp12MaxDiff=1,
-                                    mode=cv2.STEREO_SGBM_MODE_SGBM_3WAY)
-    grey = lambda image: cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    disparity = matcher.compute(grey(left), grey(right)).astype(np.float32) / 16.0
-    return fill_holes(np.where(disparity >= 0, disparity, np.nan))
-
 # %% ../../nbs/06c_train_evaluate.ipynb #b1ee498b
+def eval_index(dataset: EvalDataset) -> SampleIndex:
+    "The index of an `eval` dataset (its `max_samples` not applied)."
+    return index_dataset(dataset.path, dataset.format, dataset.options, dataset.name)
+
+def check_eval_datasets(datasets: list[EvalDataset]) -> list[SampleIndex]:
+    "The index of every `eval` dataset; `EmptyDatasetError` naming each one that matches no sample, with its problems."
+    indexes = [eval_index(dataset) for dataset in datasets]
+    empty = [index for index in indexes if not index.samples]
+    if empty:
+        raise EmptyDatasetError("eval.datasets: " + "; ".join(describe_index(index) for index in empty)
+                                + ". An evaluation on nothing is refused:\n  "
+                                + "\n  ".join(problem for index in empty for problem in index.problems[:5]))
+    return indexes
+
 def eval_samples(dataset: EvalDataset) -> list[SamplePaths]:
-    "The samples of an `eval` dataset, in index order, at most `max_samples`."
-    index = index_dataset(dataset.path, dataset.format, dataset.options, dataset.name)
-    return index.samples[: dataset.max_samples]
+    "The samples of an `eval` dataset, in index order, at most `max_samples`; `EmptyDatasetError` if it has none."
+    return check_eval_datasets([dataset])[0].samples[: dataset.max_samples]
 
 def _gather(values: list, accelerator) -> list:
     if accelerator is None or accelerator.num_processes == 1: return values
@@ -75,13 +63,13 @@ def _gather(values: list, accelerator) -> list:
 def evaluate(predict: Callable[[np.ndarray, np.ndarray], np.ndarray], datasets: list[EvalDataset],
              max_disparity: float | None = None, accelerator=None, max_pixels: int | None = None,
              progress: bool = False) -> dict[str, dict[str, float]]:
-    "Metrics per dataset name (`epe`, `bad1`.., `d1`, `rmse`, `images`, `skipped`) of `predict` over every sample."
+    "Metrics per dataset name (`epe`, `bad1`.., `d1`, `rmse`, `images`, `skipped`, `index_problems`) of `predict`."
     from tqdm.auto import tqdm
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     results = {}
-    for dataset in datasets:
+    for dataset, index in zip(datasets, check_eval_datasets(datasets)):
         local, skipped = [], []
-        samples = eval_samples(dataset)[rank::world]
+        samples = index.samples[: dataset.max_samples][rank::world]
         for paths in tqdm(samples, desc=f"eval {dataset.name}", disable=not progress, leave=False):
             try:
                 sample = read_sample(paths, max_pixels=max_pixels)
@@ -96,8 +84,9 @@ def evaluate(predict: Callable[[np.ndarray, np.ndarray], np.ndarray], datasets: 
         metrics = metrics_from_sums({**{name: 0.0 for name in ("abs_error", "squared_error", "bad1", "bad2", "bad3", "d1")},
                                      **totals})
         results[dataset.name] = {**{name: float(value) for name, value in metrics.items()},
-                                 "images": len(rows), "skipped": len(skipped)}
+                                 "images": len(rows), "skipped": len(skipped), "index_problems": len(index.problems)}
         if skipped: results[dataset.name]["skipped_files"] = skipped
+        if index.problems: results[dataset.name]["index_problem_list"] = index.problems
     return results
 
 # %% ../../nbs/06c_train_evaluate.ipynb #5a048647

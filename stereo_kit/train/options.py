@@ -5,11 +5,12 @@
 # %% ../../nbs/06_train_options.ipynb #11057168
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass, field, fields
 
 # %% auto #0
-__all__ = ['DEFAULT_CONFIG', 'DEFAULT_WORKSPACE', 'TrainOptions', 'train_command']
+__all__ = ['DEFAULT_CONFIG', 'DEFAULT_WORKSPACE', 'CPU_ENVIRONMENT', 'TrainOptions', 'train_command', 'prepare_cpu_environment']
 
 # %% ../../nbs/06_train_options.ipynb #22ceb5f4
 DEFAULT_CONFIG = "configs/train/stereo_v1.json"
@@ -58,3 +59,12 @@ def train_command(config, workspace=DEFAULT_WORKSPACE, launcher: str = "accelera
              if getattr(chosen, f.name) != getattr(defaults, f.name)]
     words = [launcher, script, f"--config {shlex.quote(str(config))}", f"--workspace {shlex.quote(str(workspace))}", *flags]
     return " ".join(word for word in words if word)
+
+# %% ../../nbs/06_train_options.ipynb #b11d2dc0
+CPU_ENVIRONMENT = {"GOMP_SPINCOUNT": "1000", "KMP_BLOCKTIME": "1"}     # OpenMP threads spin briefly, then sleep
+
+def prepare_cpu_environment(environ: dict | None = None) -> dict:
+    "Before torch is imported: `CPU_ENVIRONMENT`'s short OpenMP spin, for each variable the environment does not set."
+    environ = os.environ if environ is None else environ
+    for name, value in CPU_ENVIRONMENT.items(): environ.setdefault(name, value)
+    return environ

@@ -25,31 +25,37 @@ from fastcore.basics import patch
 
 from ..config import StereoConfig, load_config, resolve_config
 from ..data.loader import build_dataloader
+from ..data.datasets import describe_index
 from ..io import atomic_path, write_image
 from ..losses import build_loss
 from ..models import build_model
 from ..models.weights import read_state_dict
 from .checkpoint import (CheckpointError, ResumePoint, Workspace, WorkspaceLock, find_checkpoint,
                                          load_training_state, rng_state, save_checkpoint, set_rng_state)
-from .evaluate import evaluate, format_results, predict_disparity, sgbm_disparity
+from .evaluate import (check_eval_datasets, evaluate, format_results, predict_disparity,
+                                       sgbm_disparity)
 from .logging import MLflowLogger, NullLogger, flatten
 from .options import DEFAULT_WORKSPACE, TrainOptions
-from .utils import build_optimizer, build_scheduler
+from .utils import build_optimizer, build_scheduler, schedule_extends
 from ..viz import stereo_panel
 
 # %% auto #0
-__all__ = ['StopRequest', 'NonFiniteError', 'LaunchError', 'Trainer', 'parameters_without_gradient']
+__all__ = ['StopRequest', 'NonFiniteError', 'LaunchError', 'Trainer', 'parameters_without_gradient', 'to_channels_last']
 
 # %% ../../nbs/06e_train_trainer.ipynb #dd6d0e0a
 class StopRequest:
     "Turns SIGINT and SIGTERM into a flag the loop checks after each step (context manager; main thread only)."
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self): self.signal, self._previous = None, {}
+    REPEAT_SECONDS = 1.0       # a SIGINT this soon after the first is the same request delivered twice
+
+    def __init__(self): self.signal, self._previous, self._asked_at = None, {}, None
 
     def _handle(self, number, frame):
-        if self.signal is not None and number == signal.SIGINT: raise KeyboardInterrupt   # asked twice: stop now
-        self.signal = signal.Signals(number).name
+        now = time.monotonic()
+        if self.signal is not None and number == signal.SIGINT and now - self._asked_at > self.REPEAT_SECONDS:
+            raise KeyboardInterrupt                                                      # asked twice: stop now
+        if self.signal is None: self.signal, self._asked_at = signal.Signals(number).name, now
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -80,11 +86,12 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.step, self.skipped_steps, self.nonfinite_in_a_row = 0, 0, 0
         self.history: list[dict] = []          # every logged row, for notebooks and tests
+        self.started, self.earlier_seconds = time.perf_counter(), 0.0     # wall clock of this run and of resumed parts
         self.accelerator = None
 
 # %% ../../nbs/06e_train_trainer.ipynb #01673125
 def parameters_without_gradient(model: torch.nn.Module, loss, size: tuple[int, int] = (64, 96)) -> tuple[list[str], int]:
-    "Trainable parameters that `loss` gives no gradient on a small random pair (H, W = `size`), and the predictions' count."
+    "Trainable parameters that `loss` (None: every prediction) gives no gradient on a small random pair (H, W = `size`), and the predictions' count."
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(0)
     left = torch.rand(1, 3, *size, generator=generator).mul(255).to(device)
@@ -93,25 +100,47 @@ def parameters_without_gradient(model: torch.nn.Module, loss, size: tuple[int, i
     model.train()
     try:
         predictions = model(left, torch.roll(left, -4, dims=-1))
-        total, _ = loss(predictions, disparity, torch.ones_like(disparity, dtype=torch.bool), ["stereo"], left=left)
+        if loss is None: total = sum(p.float().sum() for p in (predictions if isinstance(predictions, (list, tuple)) else [predictions]))
+        else: total, _ = loss(predictions, disparity, torch.ones_like(disparity, dtype=torch.bool), ["stereo"], left=left)
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         gradients = torch.autograd.grad(total, [p for _, p in named], allow_unused=True)
     finally: model.train(was_training)
     count = len(predictions) if isinstance(predictions, (list, tuple)) else 1
     return [name for (name, _), gradient in zip(named, gradients) if gradient is None], count
 
+def _whole_modules(model: torch.nn.Module, names: set[str]) -> list[str]:
+    "`names` (parameter names) as the largest submodules all of whose trainable parameters are among them."
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    def largest(name):
+        parts = name.split(".")
+        prefixes = (".".join(parts[:depth]) for depth in range(1, len(parts)))
+        return next((p for p in prefixes if all(o in names for o in trainable if o.startswith(p + "."))), name)
+    return sorted({largest(name) for name in names})
+
 @patch
 def _check_gradients(self: Trainer, model: torch.nn.Module, processes) -> list[str]:
-    "Warn (main process) about parameters the loss never reaches; return their names."
+    "Warn (main process) about parameters the loss never reaches, and why, as far as it is known; return their names."
     unused, count = parameters_without_gradient(model, self.loss)
     if unused and processes.is_main_process:
-        shown = ", ".join(unused[:6]) + (f" and {len(unused) - 6} more" if len(unused) > 6 else "")
-        warnings.warn(f"{len(unused)} trainable parameter(s) get no gradient from the loss and will not be trained: "
-                      f"{shown}. The model returns {count} predictions (the first is the initial disparity); a loss "
-                      "that skips some, such as multi_scale_loss with fewer weights, leaves their parameters untrained"
-                      + ("; the processes run with find_unused_parameters=True" if processes.num_processes > 1 else ""),
-                      stacklevel=3)
+        never = set(parameters_without_gradient(model, None)[0])     # no prediction depends on them at all
+        skipped = [name for name in unused if name not in never]
+        shown = ", ".join(skipped[:6]) + (f" and {len(skipped) - 6} more" if len(skipped) > 6 else "")
+        parts = [f"{len(never)} trainable parameter(s) are in modules the model builds but its forward never uses "
+                 f"({', '.join(_whole_modules(model, never))}) and will not be trained"] if never else []
+        parts += [f"{len(skipped)} trainable parameter(s) get no gradient from the loss and will not be trained: "
+                  f"{shown}. The model returns {count} predictions (the first is the initial disparity); a loss "
+                  "that skips some, such as multi_scale_loss with fewer weights, leaves their parameters untrained"] if skipped else []
+        warnings.warn("; ".join(parts) + ("; the processes run with find_unused_parameters=True"
+                                          if processes.num_processes > 1 else ""), stacklevel=3)
     return unused
+
+# %% ../../nbs/06e_train_trainer.ipynb #248008dc
+def to_channels_last(model: torch.nn.Module) -> torch.nn.Module:
+    "`model` with every 4-D weight (2-D convs) stored `channels_last` and every 5-D one (3-D convs) `channels_last_3d`."
+    layouts = {4: torch.channels_last, 5: torch.channels_last_3d}
+    for parameter in model.parameters():
+        if parameter.dim() in layouts: parameter.data = parameter.data.contiguous(memory_format=layouts[parameter.dim()])
+    return model
 
 # %% ../../nbs/06e_train_trainer.ipynb #06891cb6
 @patch
@@ -135,15 +164,20 @@ def build(self: Trainer):
                            "ACCELERATE_USE_CPU=true (torchrun) or use `accelerate launch --cpu ...`")
     torch.manual_seed(options.seed)
     model = build_model(config.model).enable_gradient_checkpointing(options.enable_gradient_checkpointing)
+    if config.train.channels_last: to_channels_last(model)
+    if hasattr(model, "warn_if_short_of_memory"):             # models.official: the estimate before a run, not a kill in it
+        model.warn_if_short_of_memory(options.batch_size_forward, config.data.image_sizes, processes.device, options.enable_ema)
     self.loss = build_loss(config.loss, max_disparity=config.data.max_disparity)
     unused = self._check_gradients(model.to(processes.device), processes)
     self.accelerator = Accelerator(mixed_precision=self._mixed_precision(),
                                    gradient_accumulation_steps=options.gradient_accumulation_steps,
                                    kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(unused))])
     self.optimizer = build_optimizer(model, config.optimizer)
-    self.scheduler = build_scheduler(self.optimizer, config.lr_scheduler, options.num_iterations)
+    self.schedule_steps = options.num_iterations           # the length the schedule is laid out over
+    self.scheduler = build_scheduler(self.optimizer, config.lr_scheduler, self.schedule_steps)
     self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
     self.ema = self._new_ema() if options.enable_ema else None
+    if config.train.compile: self.unwrapped.compile()   # in place, after the EMA copy: evaluation (any size) stays eager
     self.logger = NullLogger()
     return self
 
@@ -168,7 +202,13 @@ def training_state(self: Trainer) -> dict:
             "ema_updates": int(self.ema.n_averaged) if self.ema is not None else 0,
             "skipped_steps": self.skipped_steps, "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "data_step": self.step * self.options.gradient_accumulation_steps,
-            "world_size": self.accelerator.num_processes, "seed": self.options.seed, "rng": rng_state()}
+            "world_size": self.accelerator.num_processes, "seed": self.options.seed, "rng": rng_state(),
+            "schedule_steps": self.schedule_steps, "elapsed_seconds": self.elapsed_seconds}
+
+@patch(as_prop=True)
+def elapsed_seconds(self: Trainer) -> float:
+    "Wall-clock seconds the run has taken so far, over every part of it (resumes included)."
+    return self.earlier_seconds + time.perf_counter() - self.started
 
 @patch
 def _restore(self: Trainer, state: dict, step: int):
@@ -176,6 +216,7 @@ def _restore(self: Trainer, state: dict, step: int):
     if state["world_size"] != self.accelerator.num_processes:
         warnings.warn(f"resuming a run of {state['world_size']} process(es) with {self.accelerator.num_processes}: "
                       "each step now sees other samples than the original run would have")
+    self._follow_schedule(state, step)                     # before the optimizer: a new scheduler would reset its lr
     self.optimizer.load_state_dict(state["optimizer"])
     self.scheduler.load_state_dict(state["scheduler"])
     if state["scaler"] is not None and self.accelerator.scaler is not None:
@@ -186,7 +227,23 @@ def _restore(self: Trainer, state: dict, step: int):
     elif self.ema is not None:
         self.accelerator.print(f"step {step} was saved without EMA weights: the EMA starts from its weights")
     self.skipped_steps, self.nonfinite_in_a_row = state["skipped_steps"], state["nonfinite_in_a_row"]
+    self.earlier_seconds = state.get("elapsed_seconds", 0.0)
     set_rng_state(state["rng"])
+
+@patch
+def _follow_schedule(self: Trainer, state: dict, step: int):
+    "Go on with the schedule the run was laid out with; refuse to extend one whose shape follows the run's length."
+    planned = state.get("schedule_steps", state["scheduler"].get("total_steps", self.schedule_steps))   # older files
+    wanted = self.options.num_iterations
+    if wanted > planned and not schedule_extends(self.config.lr_scheduler):
+        raise CheckpointError(self.workspace.weights(step), f"--num_iterations {wanted} would extend a run whose "
+            f"lr_scheduler {self.config.lr_scheduler.name!r} is laid out over {planned} steps (its learning rate follows "
+            f"the run's length and has no step {planned + 1}); resume with --num_iterations {planned} or fewer, or "
+            f"fine-tune from these weights with a new schedule: --checkpoint {self.workspace.weights(step)} "
+            f"--workspace NEW_FOLDER --num_iterations {wanted - step}")
+    if planned != self.schedule_steps and not schedule_extends(self.config.lr_scheduler):
+        self.schedule_steps = planned
+        self.scheduler = build_scheduler(self.optimizer, self.config.lr_scheduler, planned)
 
 # %% ../../nbs/06e_train_trainer.ipynb #15c9aad4
 @patch
@@ -348,6 +405,7 @@ def fit(self: Trainer) -> dict:
     "Train from the start or the checkpoint to `num_iterations`; return the last evaluation (or {})."
     from contextlib import ExitStack
     options = self.options
+    self.started, self.earlier_seconds = time.perf_counter(), 0.0     # a notebook may fit the same trainer again
     self.build()
     with ExitStack() as stack:
         if self.accelerator.is_main_process: stack.enter_context(WorkspaceLock(self.workspace))
@@ -382,6 +440,7 @@ def fit(self: Trainer) -> dict:
             raise
         finally:
             self.progress.close()
+            self.batches.write_bad_files()                 # the last counts of the bad-file list
             if self.accelerator.is_main_process: self.logger.close(status)
     return final
 
@@ -403,9 +462,14 @@ def _start_logging(self: Trainer):
 def _start_data(self: Trainer):
     "The batches from the current step on (forward pass step·A), each process reading its own share."
     options = self.options
+    check_eval_datasets(self.config.eval.datasets)         # one that matches nothing is refused now, not after training
     self.batches = build_dataloader(self.config.data, options.batch_size_forward, options.seed,
                                     self.config.train.num_workers, self.accelerator.process_index,
                                     self.accelerator.num_processes, self.step * options.gradient_accumulation_steps)
+    rank = self.accelerator.process_index                  # the running list of bad files, one per process
+    self.batches.bad_files_path = self.workspace.root / ("bad_files.tsv" if rank == 0 else f"bad_files.rank{rank}.tsv")
+    for index in self.batches.indexes:                     # what each dataset entry matched, part by part
+        if index is not None: self.accelerator.print(f"data: {describe_index(index)}")
     return iter(self.batches)
 
 @patch

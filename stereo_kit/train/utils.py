@@ -16,7 +16,8 @@ import torch.nn as nn
 from ..config import Constant, OneCycle, OptimizerConfig, StepDecay, WarmupCosine, resolve_block
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'SCHEDULE_BUILDERS', 'parameter_groups', 'build_optimizer', 'build_scheduler']
+__all__ = ['OPTIMIZERS', 'SCHEDULE_BUILDERS', 'LENGTH_DEPENDENT_SCHEDULES', 'parameter_groups', 'build_optimizer',
+           'build_scheduler', 'schedule_extends']
 
 # %% ../../nbs/06a_train_utils.ipynb #84b96d67
 def parameter_groups(model: nn.Module, optimizer: OptimizerConfig) -> list[dict]:
@@ -81,3 +82,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config, total_steps: int):
     "The `torch.optim.lr_scheduler` of the `lr_scheduler` block for a run of `total_steps` optimizer steps."
     schedule = resolve_block("lr_scheduler", config)
     return SCHEDULE_BUILDERS[type(schedule)](optimizer, schedule, total_steps)
+
+# %% ../../nbs/06a_train_utils.ipynb #88bfc6b7
+LENGTH_DEPENDENT_SCHEDULES = (WarmupCosine, OneCycle)     # their shape is laid out over the run's total steps
+
+def schedule_extends(config) -> bool:
+    "Whether the `lr_scheduler` block's schedule can run past the length it was built for."
+    return not isinstance(resolve_block("lr_scheduler", config), LENGTH_DEPENDENT_SCHEDULES)
