@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 import resource
 import signal
 import struct
@@ -441,8 +442,14 @@ def test_read_only_folder_save_weights(read_only_folder, tiny):
 def test_an_index_cache_that_cannot_be_written_is_a_warning(read_only_folder, data_samples):
     "Writes whose failure must not stop a run (the index cache) still only warn, now with the named reason."
     from stereo_kit.data.datasets import index_dataset
-    with without_root(), pytest.warns(UserWarning) as caught:
-        index = index_dataset(data_samples / "rendered_planes", "standard", cache_dir=read_only_folder)
+    # a copy user nobody can read: the checkout may sit in a folder only root may enter (a `mktemp -d` clone)
+    scene = Path(tempfile.mkdtemp(prefix="stereo_kit_scene_")) / "rendered_planes"
+    shutil.copytree(data_samples / "rendered_planes", scene)
+    for path in [scene.parent, *scene.parent.rglob("*")]: path.chmod(0o755 if path.is_dir() else 0o644)
+    try:
+        with without_root(), pytest.warns(UserWarning) as caught:
+            index = index_dataset(scene, "standard", cache_dir=read_only_folder)
+    finally: shutil.rmtree(scene.parent)
     assert len(index.samples) == 3
     messages = [str(w.message) for w in caught if "index cache not written" in str(w.message)]
     assert len(messages) == 1 and messages[0].startswith(str(read_only_folder)) and (
