@@ -113,6 +113,7 @@ def test_two_processes_from_a_notebook(kernel, tmp_path):
     """Two CPU processes through `notebook_launcher`, with a loss that leaves the initial disparity head untrained (DDP
     must be told to expect unused parameters, or its second step fails)."""
     workspace, config = tmp_path / "run", quick_config()
+    config["model"]["train_iters"] = 3                                                  # 4 predictions
     config["loss"]["stereo"]["multi_scale"]["params"]["weights"] = [0.5, 0.7, 1.0]      # the spec's: last 3 of 4
     printed = kernel.output(f"""
         from stereo_kit.widgets import train_in_notebook
