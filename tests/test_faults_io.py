@@ -10,8 +10,8 @@ import json
 import os
 import pickle
 import random
-import shutil
 import resource
+import shutil
 import signal
 import struct
 import subprocess
