@@ -40,13 +40,11 @@ TARGET_MINUTES, TARGET_BUSY_RATIO = 10.0, 2.5
 
 # name -> (what differs from configs/train/quickstart.json, as dotted-key overrides; batch size; steps of training),
 # None: as in the config and README (a)
-OPTIONS = "data.datasets.0.options.kinds"
-THREE_UPDATES = {"model.train_iters": 3, "loss.stereo.multi_scale.params.weights": [0.3, 0.5, 0.7, 1.0]}
+NO_REFINEMENT = {"model.refine_radius": 0, "loss.stereo.multi_scale.params.weights": [0.5, 1.0]}
 RECIPES = {
     "quickstart": ({}, None, None),                                # configs/train/quickstart.json, README (a)'s steps
-    "3 GRU updates in training": (THREE_UPDATES, None, 500),        # the earlier recipe: each update costs ~0.3 s/step
-    "things only": ({**THREE_UPDATES, OPTIONS: ["things"]}, None, 500),       # rooms of photo-textured objects only
-    "flat shapes only": ({**THREE_UPDATES, OPTIONS: ["planes", "objects"]}, None, 500),    # the kit's earlier scenes
+    "no refinement": (NO_REFINEMENT, None, None),                  # the previous recipe: 1/4 resolution, upsampled
+    "refinement radius 6, 4 learned channels": ({"model.refine_radius": 6, "model.refine_channels": 4}, None, None),
 }
 
 
@@ -251,7 +249,7 @@ def main():
     parser.add_argument("--workspace", default="workspace/benchmark_quickstart")
     parser.add_argument("--steps", type=int, default=20, help="--busy: timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="--busy: untimed steps first")
-    parser.add_argument("--eval_every", type=int, default=100, help="--curves: steps between evaluations")
+    parser.add_argument("--eval_every", type=int, default=200, help="--curves: steps between evaluations")
     parser.add_argument("--parallel", type=int, default=1, help="--curves: recipes trained side by side")
     parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)

@@ -506,6 +506,9 @@ class ModelConfig(Block):
     motion_channels: integer("expected an integer > 1", lambda v: v > 1, gt=1)
     train_iters: PositiveInt
     valid_iters: PositiveInt
+    refine_radius: NonNegativeInt = 0                 # full-resolution refinement (models.refine) over ±radius px; 0: none
+    refine_channels: PositiveInt = 8                  # its feature maps (a multiple of 4: cosine groups of 4)
+    refine_width: PositiveInt = 16                    # its scoring convolutions
 
     @model_validator(mode="before")
     @classmethod
@@ -537,6 +540,9 @@ def _model_rules(model: ModelConfig, check_paths: bool) -> list[tuple[str, str, 
     if 4 * model.filter_width % model.transformer_heads:
         problems.append(("transformer_heads", f"expected a divisor of 4*filter_width={4 * model.filter_width}",
                          model.transformer_heads))
+    if model.refine_channels % 4:
+        problems.append(("refine_channels", "expected a multiple of 4 (the refinement compares features in groups of 4)",
+                         model.refine_channels))
     if model.feature_type == "dinov2" and model.pretrained is None and not model.vit_trainable:
         problems.append(("pretrained", f"a frozen DINOv2 ({model.vit_size}) with random weights gives features that "
                          "training never fixes; set pretrained to a local DINOv2 folder, vit_trainable to true, "
@@ -755,11 +761,15 @@ def cross_block_problems(blocks: dict) -> list[str]:
     return problems
 
 def _prediction_count_problems(model, loss: dict) -> list[str]:
-    "multi_scale_loss terms with more weights than the model has predictions in training (initial + one per iteration)."
-    predictions = model.train_iters + 1
+    """multi_scale_loss terms with more weights than the model has predictions in training (initial + one per iteration,
+    + the refined one when `refine_radius` > 0)."""
+    refined = isinstance(model, ModelConfig) and model.refine_radius > 0
+    predictions = model.train_iters + 1 + refined
+    source = ("the initial disparity, one per iteration and the refined one" if refined else
+              "the initial disparity and one per iteration")
     return [f"loss.{label}.{name}.params.weights: {len(term.params['weights'])} weights, but model.train_iters="
-            f"{model.train_iters} gives {predictions} prediction(s) to score (the initial disparity and one per "
-            f"iteration); raise model.train_iters or give at most {predictions} weight(s)"
+            f"{model.train_iters} gives {predictions} prediction(s) to score ({source}); raise model.train_iters "
+            f"or give at most {predictions} weight(s)"
             for label, terms in loss.items() for name, term in terms.items()
             if term.function == "multi_scale_loss" and len(term.params["weights"]) > predictions]
 

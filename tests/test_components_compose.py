@@ -55,7 +55,8 @@ def test_a_few_steps_through_every_module(quickstart, monkeypatch):
     model.train()
     for _ in range(12):
         predictions = model(fixed["left"], fixed["right"])
-        assert len(predictions) == 1 + quickstart["model"]["train_iters"]
+        refined = quickstart["model"].get("refine_radius", 0) > 0           # the full-resolution refinement: one more
+        assert len(predictions) == 1 + quickstart["model"]["train_iters"] + refined
         assert all(p.shape == fixed["disparity"].shape for p in predictions)
         total, terms = loss(predictions, fixed["disparity"], fixed["valid"], fixed["label_type"])
         assert set(terms) == {"stereo/disparity_l1", "stereo/multi_scale"} and math.isfinite(total.item())

@@ -17,6 +17,7 @@ from .padder import InputPadder
 from .features import FeatureEncoder, build_vit, normalize_image
 from .cost_volume import HybridCostVolume, CostFilter, soft_argmin
 from .update import CorrelationLookup, MultiLevelUpdate, convex_upsample
+from .refine import LocalRefinement
 
 # %% auto #0
 __all__ = ['ContextHeads', 'FoundationStereoModel', 'build_model', 'count_parameters']
@@ -53,6 +54,8 @@ class FoundationStereoModel(nn.Module):
         self.context = ContextHeads(c["feature_channels"][: c["n_gru_layers"]], hidden_dims)
         lookup_channels = c["corr_levels"] * (2 * c["corr_radius"] + 1) * (1 + c["filter_width"])
         self.update = MultiLevelUpdate(hidden_dims, lookup_channels, c["motion_channels"])
+        self.refinement = (LocalRefinement(c["refine_radius"], c["refine_channels"], c["refine_width"])
+                           if c.get("refine_radius") else None)
         self.gradient_checkpointing = False
 
 # %% ../../nbs/03f_model_stereo.ipynb #ade9f2b1
@@ -91,12 +94,13 @@ def _iteration(self: FoundationStereoModel, hidden, context, lookup, disparity):
 @patch
 def forward(self: FoundationStereoModel, left: torch.Tensor, right: torch.Tensor, iters: int | None = None,
             return_low_resolution: bool = False):
-    "left, right: (B, 3, H, W) float 0-255 RGB. Train: list of (B, 1, H, W) disparities; eval: the final one."
+    """left, right: (B, 3, H, W) float 0-255 RGB. Train: list of (B, 1, H, W) disparities (initial, one per iteration,
+    refined when the model refines); eval: the final one."""
     if left.dim() != 4 or left.shape[1] != 3 or left.shape != right.shape:
         raise ValueError(f"expected left and right images of one shape (B, 3, H, W), got {tuple(left.shape)} and "
                          f"{tuple(right.shape)}")
     if iters is None: iters = self.config["train_iters"] if self.training else self.config["valid_iters"]
-    batch = left.shape[0]
+    batch, images = left.shape[0], (left, right)
     padder = InputPadder(left.shape, divis_by=32)
     left, right = padder.pad_tensors(left, right)
     levels = self.features(normalize_image(torch.cat([left, right])))
@@ -111,6 +115,7 @@ def forward(self: FoundationStereoModel, left: torch.Tensor, right: torch.Tensor
         # RAFT-style: each update sees the previous estimate as a constant, so gradients stay per-iteration
         hidden, disparity, mask = self._run(self._iteration, hidden, context, lookup, disparity.detach())
         if self.training or iteration == iters - 1: predictions.append(padder.unpad(convex_upsample(disparity, mask)))
+    if self.refinement is not None: predictions.append(self._run(self.refinement, *images, predictions[-1]))
     if self.training: return predictions
     if not return_low_resolution: return predictions[-1]
     return predictions[-1], _unpad_low_resolution(padder, 4 * disparity)

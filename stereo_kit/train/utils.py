@@ -69,11 +69,18 @@ def _cosine_to_ratio(optimizer, steps: int, ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
 
+def _one_cycle(optimizer, schedule: OneCycle, total_steps: int):
+    total = max(total_steps, 1)
+    # torch's OneCycleLR divides by zero when the warm-up is exactly one step (pct_start × total = 1): make it 1.5
+    pct_start = 1.5 / total if schedule.pct_start * total == 1 else schedule.pct_start
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total, pct_start=pct_start,
+        div_factor=schedule.div_factor, final_div_factor=schedule.final_div_factor,
+        anneal_strategy=schedule.anneal_strategy)
+
 SCHEDULE_BUILDERS = {
     WarmupCosine: _warmup_cosine,
-    OneCycle: lambda optimizer, s, total: torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=max(total, 1), pct_start=s.pct_start,
-        div_factor=s.div_factor, final_div_factor=s.final_div_factor, anneal_strategy=s.anneal_strategy),
+    OneCycle: _one_cycle,
     StepDecay: lambda optimizer, s, total: torch.optim.lr_scheduler.StepLR(optimizer, s.step_size, s.gamma),
     Constant: lambda optimizer, s, total: torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0),
 }
