@@ -44,7 +44,7 @@ NO_REFINEMENT = {"model.refine_radius": 0, "loss.stereo.multi_scale.params.weigh
 RECIPES = {
     "quickstart": ({}, None, None),                                # configs/train/quickstart.json, README (a)'s steps
     "no refinement": (NO_REFINEMENT, None, None),                  # the previous recipe: 1/4 resolution, upsampled
-    "refinement radius 6, 4 learned channels": ({"model.refine_radius": 6, "model.refine_channels": 4}, None, None),
+    "refinement radius 8, 4 learned channels": ({"model.refine_radius": 8, "model.refine_channels": 4}, None, None),
 }
 
 

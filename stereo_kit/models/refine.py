@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from .features import normalize_image, upcast
 
 # %% auto #0
-__all__ = ['REFINE_GROUP_CHANNELS', 'warp_right', 'high_pass', 'normalize_groups', 'local_cost', 'LocalRefinement']
+__all__ = ['REFINE_GROUP_CHANNELS', 'REFINE_FINE_RADIUS', 'warp_right', 'refine_offsets', 'high_pass', 'normalize_groups',
+           'local_cost', 'LocalRefinement']
 
 # %% ../../nbs/03j_model_refine.ipynb #1398dc63
 def warp_right(right: torch.Tensor, disparities: torch.Tensor) -> torch.Tensor:
@@ -30,6 +31,12 @@ def warp_right(right: torch.Tensor, disparities: torch.Tensor) -> torch.Tensor:
 
 # %% ../../nbs/03j_model_refine.ipynb #2e34bcb2
 REFINE_GROUP_CHANNELS = 4              # learned channels per cosine-similarity group: model.refine_channels is a multiple
+REFINE_FINE_RADIUS = 4                 # offsets 1 px apart up to ±4 px, 2 px apart beyond
+
+def refine_offsets(radius: int) -> torch.Tensor:
+    "Offsets (K,) px around the disparity: every integer up to ±`REFINE_FINE_RADIUS`, every other one beyond, to ±radius."
+    steps = [k for k in range(radius + 1) if k <= REFINE_FINE_RADIUS or k % 2 == 0]
+    return torch.tensor(sorted({sign * k for k in steps for sign in (-1, 1)}), dtype=torch.float32)
 
 def high_pass(image: torch.Tensor, window: int = 5) -> torch.Tensor:
     "The image minus its `window`×`window` mean (edges replicated), per channel: (B, C, H, W) -> same shape."
@@ -60,7 +67,7 @@ class LocalRefinement(nn.Module):
         self.prior_window = prior_window
         self.features = nn.Sequential(nn.Conv2d(3, channels, 3, 1, 1), nn.ReLU(inplace=True),
                                       nn.Conv2d(channels, channels, 3, 1, 1))
-        self.register_buffer("offsets", torch.arange(-radius, radius + 1, dtype=torch.float32), persistent=False)
+        self.register_buffer("offsets", refine_offsets(radius), persistent=False)
         k = len(self.offsets)
         self.score = nn.Sequential(nn.Conv2d(len(self.sizes) * k + channels + 3, width, 3, 1, 1), nn.ReLU(inplace=True),
                                    nn.Conv2d(width, width, 3, 1, 2, dilation=2), nn.ReLU(inplace=True),
