@@ -45,7 +45,8 @@ CONFIG = {"model": {"preset": "tiny", "max_disp": 80, "train_iters": 2, "valid_i
           "optimizer": {"name": "SGD", "lr": 0.005, "momentum": 0.9, "weight_decay": 1e-5},
           "lr_scheduler": {"name": "constant"},
           "eval": {"datasets": []}}
-EXACT = dict(rtol=1e-5, atol=1e-7)        # steps 1-2: float32 sums in another order (gloo all-reduce of 2 half batches)
+EXACT = dict(rtol=1e-5, atol=3e-7)        # steps 1-2: float32 sums in another order (gloo all-reduce of 2 half batches;
+                                          # up to 1.9e-7 at step 2 on a 2-core AVX-512 EPYC)
 CHAOTIC = dict(rtol=1e-5, atol=1e-4)      # step 3: see above; another global batch differs by ~1e-3 there
 
 
@@ -102,7 +103,7 @@ def test_two_processes_give_the_weights_of_one(runs):
         assert set(momentum_one) == set(momentum_two) and len(momentum_one) == len(weights[0])   # one per parameter
         for index in momentum_one:
             torch.testing.assert_close(momentum_two[index]["momentum_buffer"], momentum_one[index]["momentum_buffer"],
-                                       rtol=1e-5, atol=1e-6 if step < 3 else 1e-2)
+                                       rtol=1e-5, atol=1e-4 if step < 3 else 1e-2)   # 4.5e-5 seen at step 2 (AVX-512)
 
 
 @pytest.mark.slow

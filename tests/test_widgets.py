@@ -113,8 +113,8 @@ def test_two_processes_from_a_notebook(kernel, tmp_path):
     """Two CPU processes through `notebook_launcher`, with a loss that leaves the initial disparity head untrained (DDP
     must be told to expect unused parameters, or its second step fails)."""
     workspace, config = tmp_path / "run", quick_config()
-    config["model"]["train_iters"] = 3                                                  # 4 predictions
-    config["loss"]["stereo"]["multi_scale"]["params"]["weights"] = [0.5, 0.7, 1.0]      # the spec's: last 3 of 4
+    config["model"]["train_iters"] = 3                                     # 5 predictions (initial, 3 updates, refined)
+    config["loss"]["stereo"]["multi_scale"]["params"]["weights"] = [0.5, 0.7, 1.0]      # the last 3: none on the initial
     printed = kernel.output(f"""
         from stereo_kit.widgets import train_in_notebook
         monitor = train_in_notebook({config_file(tmp_path, config)!r}, {str(workspace)!r}, num_processes=2, num_iterations=4,

@@ -100,7 +100,7 @@ def forward(self: FoundationStereoModel, left: torch.Tensor, right: torch.Tensor
         raise ValueError(f"expected left and right images of one shape (B, 3, H, W), got {tuple(left.shape)} and "
                          f"{tuple(right.shape)}")
     if iters is None: iters = self.config["train_iters"] if self.training else self.config["valid_iters"]
-    batch, images = left.shape[0], (left, right)
+    batch = left.shape[0]
     padder = InputPadder(left.shape, divis_by=32)
     left, right = padder.pad_tensors(left, right)
     levels = self.features(normalize_image(torch.cat([left, right])))
@@ -110,12 +110,16 @@ def forward(self: FoundationStereoModel, left: torch.Tensor, right: torch.Tensor
     hidden, context = self.context([level[:batch] for level in levels])
     lookup = CorrelationLookup(left4, right4, geometry, self.config["corr_levels"], self.config["corr_radius"],
                                self.config["correlation_implementation"])
-    predictions = [padder.unpad(convex_upsample(disparity, self.update.mask_head(hidden[0])))]
+    upsampled = convex_upsample(disparity, self.update.mask_head(hidden[0]))       # full resolution, padded frame
+    predictions = [padder.unpad(upsampled)]
     for iteration in range(iters):
         # RAFT-style: each update sees the previous estimate as a constant, so gradients stay per-iteration
         hidden, disparity, mask = self._run(self._iteration, hidden, context, lookup, disparity.detach())
-        if self.training or iteration == iters - 1: predictions.append(padder.unpad(convex_upsample(disparity, mask)))
-    if self.refinement is not None: predictions.append(self._run(self.refinement, *images, predictions[-1]))
+        if self.training or iteration == iters - 1:
+            upsampled = convex_upsample(disparity, mask)
+            predictions.append(padder.unpad(upsampled))
+    if self.refinement is not None:     # on the padded frame too: a graph fed images padded beforehand computes the same
+        predictions.append(padder.unpad(self._run(self.refinement, left, right, upsampled)))
     if self.training: return predictions
     if not return_low_resolution: return predictions[-1]
     return predictions[-1], _unpad_low_resolution(padder, 4 * disparity)
