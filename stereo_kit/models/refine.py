@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from .features import normalize_image, upcast
 
 # %% auto #0
-__all__ = ['REFINE_GROUP_CHANNELS', 'REFINE_FINE_RADIUS', 'warp_right', 'refine_offsets', 'high_pass', 'normalize_groups',
-           'local_cost', 'LocalRefinement']
+__all__ = ['REFINE_GROUP_CHANNELS', 'REFINE_FINE_RADIUS', 'warp_right', 'refine_offsets', 'box_mean', 'high_pass',
+           'normalize_groups', 'local_cost', 'LocalRefinement']
 
 # %% ../../nbs/03da_model_refine.ipynb #1398dc63
 def warp_right(right: torch.Tensor, disparities: torch.Tensor) -> torch.Tensor:
@@ -38,10 +38,13 @@ def refine_offsets(radius: int) -> torch.Tensor:
     steps = [k for k in range(radius + 1) if k <= REFINE_FINE_RADIUS or k % 2 == 0]
     return torch.tensor(sorted({sign * k for k in steps for sign in (-1, 1)}), dtype=torch.float32)
 
+def box_mean(x: torch.Tensor, window: int = 5) -> torch.Tensor:
+    "Mean over each `window`×`window` neighbourhood (edges replicated), per channel: (B, C, H, W) -> same shape."
+    return F.avg_pool2d(F.pad(x, (window // 2,) * 4, mode="replicate"), window, 1)
+
 def high_pass(image: torch.Tensor, window: int = 5) -> torch.Tensor:
-    "The image minus its `window`×`window` mean (edges replicated), per channel: (B, C, H, W) -> same shape."
-    padded = F.pad(image, (window // 2,) * 4, mode="replicate")
-    return image - F.avg_pool2d(padded, window, 1)
+    "The image minus its `window`×`window` mean, per channel: (B, C, H, W) -> same shape."
+    return image - box_mean(image, window)
 
 def normalize_groups(features: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     "L2-normalise (B, C, H, W) features over each group of consecutive channels, `sizes` summing to C."
@@ -83,8 +86,7 @@ class LocalRefinement(nn.Module):
         with torch.autocast(left.device.type, enabled=False):
             normalised = normalize_groups(upcast(features), self.sizes)
             cost = local_cost(normalised[:batch], normalised[batch:], disparity, self.offsets, self.sizes)
-            window = self.prior_window
-            prior = F.avg_pool2d(F.pad(cost.mean(1), (window // 2,) * 4, mode="replicate"), window, 1)
+            prior = box_mean(cost.mean(1), self.prior_window)
         scores = self.score(torch.cat([cost.flatten(1, 2).to(features.dtype), features[:batch]], 1))
         with torch.autocast(left.device.type, enabled=False):
             scores = upcast(scores) + self.prior_scale * prior
