@@ -40,11 +40,11 @@ TARGET_MINUTES, TARGET_BUSY_RATIO = 10.0, 2.5
 
 # name -> (what differs from configs/train/quickstart.json, as dotted-key overrides; batch size; steps of training),
 # None: as in the config and README (a)
-NO_REFINEMENT = {"model.refine_radius": 0, "loss.stereo.multi_scale.params.weights": [0.5, 1.0]}
+NO_REFINEMENT = {"model.refine_radius": 0, "model.refine_propagate": 0, "loss.stereo.multi_scale.params.weights": [0.5, 1.0]}
 RECIPES = {
     "quickstart": ({}, None, None),                                # configs/train/quickstart.json, README (a)'s steps
-    "no refinement": (NO_REFINEMENT, None, None),                  # the previous recipe: 1/4 resolution, upsampled
-    "refinement radius 8, 4 learned channels": ({"model.refine_radius": 8, "model.refine_channels": 4}, None, None),
+    "no propagation": ({"model.refine_propagate": 0}, None, None), # the refinement searches ±4 px around the estimate only
+    "no refinement": (NO_REFINEMENT, None, None),                  # 1/4 resolution, upsampled
 }
 
 

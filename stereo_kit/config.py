@@ -345,7 +345,8 @@ DATASET_FORMATS: dict[str, type[FormatOptions]] = {
 # %% ../nbs/01_config.ipynb #5c6fb7c4
 class SyntheticOptions(FormatOptions):
     "What `data.synthetic` renders: scene kinds, image size, disparity range, foreground surfaces, texture photographs."
-    # drawn uniformly; 'things': objects with photo textures in a room, shaded (data.synthetic); the others: flat shapes
+    # one drawn uniformly per scene (a kind listed twice comes twice as often); 'things': objects with photo textures
+    # in a room, shaded (data.synthetic); the others: flat shapes
     kinds: Annotated[list[Literal["things", "planes", "objects"]], Field(min_length=1)] = ["planes", "objects"]
     size: ImageSize = (448, 320)                    # [W, H] rendered, before augmentation and the batch's crop
     min_disparity: PositiveNumber = 4.0             # px, about the farthest depth drawn
@@ -509,6 +510,7 @@ class ModelConfig(Block):
     refine_radius: NonNegativeInt = 0                 # full-resolution refinement (models.refine) over ±radius px; 0: none
     refine_channels: PositiveInt = 8                  # its feature maps (a multiple of 4: cosine groups of 4)
     refine_width: PositiveInt = 16                    # its scoring convolutions
+    refine_propagate: NonNegativeInt = 0              # it also tries the extreme disparities within this window (odd px); 0: none
 
     @model_validator(mode="before")
     @classmethod
@@ -543,6 +545,12 @@ def _model_rules(model: ModelConfig, check_paths: bool) -> list[tuple[str, str, 
     if model.refine_channels % 4:
         problems.append(("refine_channels", "expected a multiple of 4 (the refinement compares features in groups of 4)",
                          model.refine_channels))
+    if model.refine_propagate and model.refine_propagate % 2 == 0:
+        problems.append(("refine_propagate", "expected 0 or an odd window (pixels centred on each pixel)",
+                         model.refine_propagate))
+    if model.refine_propagate and not model.refine_radius:
+        problems.append(("refine_propagate", "applies to the full-resolution refinement, which model.refine_radius=0 "
+                         "turns off; set refine_radius (e.g. 4) or refine_propagate to 0", model.refine_propagate))
     if model.feature_type == "dinov2" and model.pretrained is None and not model.vit_trainable:
         problems.append(("pretrained", f"a frozen DINOv2 ({model.vit_size}) with random weights gives features that "
                          "training never fixes; set pretrained to a local DINOv2 folder, vit_trainable to true, "

@@ -145,11 +145,11 @@ def test_any_size_file_is_fed_padded_pairs(tmp_path, metadata, padded):
 
 
 # ------------------------------------------------------------------------------------------------- exports (slow)
-@pytest.fixture(scope="module")
-def quickstart_checkpoint(tmp_path_factory) -> Path:
-    "A checkpoint of configs/train/quickstart.json after 2 steps at 96×64 (the recipe's model and data, smaller)."
+def train_quickstart(tmp_path_factory, **model) -> Path:
+    "A checkpoint of configs/train/quickstart.json (its model block updated by `model`) after 2 steps at 96×64."
     from stereo_kit.train.trainer import Trainer
     config = json.loads((ROOT / "configs/train/quickstart.json").read_text())
+    config["model"].update(model)
     config["data"].update(image_sizes=[[96, 64]], num_workers=0, index_cache=None)
     config["eval"]["datasets"] = []
     threads = torch.get_num_threads()
@@ -161,6 +161,20 @@ def quickstart_checkpoint(tmp_path_factory) -> Path:
         trainer.fit()
     finally: torch.set_num_threads(threads)
     return workspace / "checkpoint" / "00000002_ema.pt"
+
+
+@pytest.fixture(scope="module")
+def quickstart_checkpoint(tmp_path_factory) -> Path:
+    "The recipe's model and data, smaller: 2 steps at 96×64."
+    return train_quickstart(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def single_surface_checkpoint(tmp_path_factory) -> Path:
+    """The same without `refine_propagate`. A refinement that propagates chooses, per pixel, between the surfaces on
+    either side of an edge; after 2 steps it is undecided almost everywhere, and float16 rounding flips ~1 % of its
+    choices by the whole disparity gap (the README (a) model, decided, stays within 0.6 px: 03i_export)."""
+    return train_quickstart(tmp_path_factory, refine_propagate=0)
 
 
 @pytest.mark.slow
@@ -188,9 +202,9 @@ def test_quickstart_checkpoint_exports_verifies_and_predicts_through_onnxruntime
 
 
 @pytest.mark.slow
-def test_fp16_export_stores_half_weights_within_its_own_tolerance(tmp_path, quickstart_checkpoint):
+def test_fp16_export_stores_half_weights_within_its_own_tolerance(tmp_path, single_surface_checkpoint):
     output = tmp_path / "half.onnx"
-    result = CliRunner().invoke(main, ["export", "--checkpoint", str(quickstart_checkpoint), "--output", str(output),
+    result = CliRunner().invoke(main, ["export", "--checkpoint", str(single_surface_checkpoint), "--output", str(output),
                                        "--height", "64", "--width", "96", "--iters", "3", "--fp16"])
     assert result.exit_code == 0, result.output
     largest, mean = differences(result.output)

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from .features import normalize_image, upcast
 
 # %% auto #0
-__all__ = ['REFINE_GROUP_CHANNELS', 'REFINE_FINE_RADIUS', 'warp_right', 'refine_offsets', 'box_mean', 'high_pass',
-           'normalize_groups', 'local_cost', 'LocalRefinement']
+__all__ = ['REFINE_GROUP_CHANNELS', 'REFINE_FINE_RADIUS', 'REFINE_SIDE_OFFSETS', 'REFINE_MODE_WINDOW', 'warp_right',
+           'refine_offsets', 'box_mean', 'high_pass', 'normalize_groups', 'local_cost', 'neighbour_extremes',
+           'refine_hypotheses', 'mode_expectation', 'LocalRefinement']
 
 # %% ../../nbs/03da_model_refine.ipynb #1398dc63
 def warp_right(right: torch.Tensor, disparities: torch.Tensor) -> torch.Tensor:
@@ -51,27 +52,52 @@ def normalize_groups(features: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     return torch.cat([group * torch.rsqrt(group.pow(2).sum(1, keepdim=True) + 1e-6)
                       for group in features.split(sizes, 1)], 1)
 
-def local_cost(left: torch.Tensor, right: torch.Tensor, disparity: torch.Tensor, offsets: torch.Tensor,
-               sizes: list[int]) -> torch.Tensor:
-    """Similarity of left features to right features at `disparity` + each offset, per channel group: left, right
-    (B, C, H, W) normalised per group (`sizes`), disparity (B, 1, H, W) px, offsets (K,) px -> (B, groups, K, H, W)."""
-    warped = warp_right(right, disparity + offsets.view(1, -1, 1, 1))                  # (B, C, K, H, W)
-    products = left.unsqueeze(2) * warped
+def local_cost(left: torch.Tensor, right: torch.Tensor, hypotheses: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Similarity of left features to right features at each hypothesis disparity, per channel group: left, right
+    (B, C, H, W) normalised per group (`sizes`), hypotheses (B, K, H, W) px -> (B, groups, K, H, W)."""
+    products = left.unsqueeze(2) * warp_right(right, hypotheses)                   # (B, C, K, H, W)
     return torch.stack([group.sum(1) for group in products.split(sizes, 1)], 1)
+
+# %% ../../nbs/03da_model_refine.ipynb #37dca5dd
+REFINE_SIDE_OFFSETS = (-1.0, 0.0, 1.0)   # tried around each neighbour's disparity: slanted surfaces change across the window
+REFINE_MODE_WINDOW = 1.5                 # inference: the mean over hypotheses within this many px of the most probable one
+
+def neighbour_extremes(disparity: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    "The largest and the smallest disparity in each `window`×`window` neighbourhood (odd; edges replicated): (B, 1, H, W) each."
+    padded = F.pad(disparity, (window // 2,) * 4, mode="replicate")
+    return F.max_pool2d(padded, window, 1), -F.max_pool2d(-padded, window, 1)
+
+def refine_hypotheses(disparity: torch.Tensor, offsets: torch.Tensor, window: int = 0) -> torch.Tensor:
+    """Disparities (B, K, H, W) px to compare at each pixel: `disparity` (B, 1, H, W) + each of `offsets` (K0,), then,
+    when `window` > 0, the largest and the smallest disparity within `window`×`window` px + each `REFINE_SIDE_OFFSETS`."""
+    hypotheses = [disparity + offsets.view(1, -1, 1, 1)]
+    if window:
+        side = torch.tensor(REFINE_SIDE_OFFSETS, dtype=disparity.dtype, device=disparity.device).view(1, -1, 1, 1)
+        hypotheses += [extreme + side for extreme in neighbour_extremes(disparity, window)]
+    return torch.cat(hypotheses, 1)
+
+def mode_expectation(probabilities: torch.Tensor, hypotheses: torch.Tensor, within: float = REFINE_MODE_WINDOW
+                     ) -> torch.Tensor:
+    "Mean disparity over the hypotheses within `within` px of the most probable one: (B, K, H, W) each -> (B, 1, H, W)."
+    best = hypotheses.gather(1, probabilities.argmax(1, keepdim=True))
+    weights = probabilities * ((hypotheses - best).abs() <= within).to(probabilities.dtype)
+    return (weights * hypotheses).sum(1, keepdim=True) / weights.sum(1, keepdim=True)
 
 # %% ../../nbs/03da_model_refine.ipynb #7816f314
 class LocalRefinement(nn.Module):
     "Full-resolution correction: (left, right (B, 3, H, W) 0-255 RGB, disparity (B, 1, H, W) px) -> (B, 1, H, W) px."
-    def __init__(self, radius: int = 4, channels: int = 8, width: int = 16, prior_window: int = 5):
+    def __init__(self, radius: int = 4, channels: int = 8, width: int = 16, prior_window: int = 5, propagate: int = 0):
         super().__init__()
         if channels % REFINE_GROUP_CHANNELS:
             raise ValueError(f"refine_channels: expected a multiple of {REFINE_GROUP_CHANNELS}, got {channels}")
+        if propagate and propagate % 2 == 0:
+            raise ValueError(f"refine_propagate: expected 0 or an odd window, got {propagate}")
         self.sizes = [REFINE_GROUP_CHANNELS] * (channels // REFINE_GROUP_CHANNELS) + [3]    # learned groups, fixed
-        self.prior_window = prior_window
+        self.prior_window, self.propagate = prior_window, propagate
         self.features = nn.Sequential(nn.Conv2d(3, channels, 3, 1, 1), nn.ReLU(inplace=True),
                                       nn.Conv2d(channels, channels, 3, 1, 1))
         self.register_buffer("offsets", refine_offsets(radius), persistent=False)
-        k = len(self.offsets)
+        k = len(self.offsets) + (2 * len(REFINE_SIDE_OFFSETS) if propagate else 0)
         self.score = nn.Sequential(nn.Conv2d(len(self.sizes) * k + channels + 3, width, 3, 1, 1), nn.ReLU(inplace=True),
                                    nn.Conv2d(width, width, 3, 1, 2, dilation=2), nn.ReLU(inplace=True),
                                    nn.Conv2d(width, width, 3, 1, 4, dilation=4), nn.ReLU(inplace=True),
@@ -82,13 +108,13 @@ class LocalRefinement(nn.Module):
         batch = left.shape[0]
         images = normalize_image(torch.cat([left, right]))
         features = torch.cat([self.features(images), high_pass(images)], 1)
-        disparity = upcast(disparity.detach())
+        hypotheses = refine_hypotheses(upcast(disparity.detach()), self.offsets, self.propagate)
         with torch.autocast(left.device.type, enabled=False):
             normalised = normalize_groups(upcast(features), self.sizes)
-            cost = local_cost(normalised[:batch], normalised[batch:], disparity, self.offsets, self.sizes)
+            cost = local_cost(normalised[:batch], normalised[batch:], hypotheses, self.sizes)
             prior = box_mean(cost.mean(1), self.prior_window)
         scores = self.score(torch.cat([cost.flatten(1, 2).to(features.dtype), features[:batch]], 1))
         with torch.autocast(left.device.type, enabled=False):
-            scores = upcast(scores) + self.prior_scale * prior
-            offset = (scores.softmax(1) * self.offsets.view(1, -1, 1, 1)).sum(1, keepdim=True)
-        return disparity + offset
+            probabilities = (upcast(scores) + self.prior_scale * prior).softmax(1)
+            if self.propagate and not self.training: return mode_expectation(probabilities, hypotheses)
+            return (probabilities * hypotheses).sum(1, keepdim=True)

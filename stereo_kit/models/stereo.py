@@ -54,7 +54,8 @@ class FoundationStereoModel(nn.Module):
         self.context = ContextHeads(c["feature_channels"][: c["n_gru_layers"]], hidden_dims)
         lookup_channels = c["corr_levels"] * (2 * c["corr_radius"] + 1) * (1 + c["filter_width"])
         self.update = MultiLevelUpdate(hidden_dims, lookup_channels, c["motion_channels"])
-        self.refinement = (LocalRefinement(c["refine_radius"], c["refine_channels"], c["refine_width"])
+        self.refinement = (LocalRefinement(c["refine_radius"], c["refine_channels"], c["refine_width"],
+                                           propagate=c.get("refine_propagate", 0))
                            if c.get("refine_radius") else None)
         self.gradient_checkpointing = False
 
