@@ -218,7 +218,9 @@ def test_fp16_export_stores_half_weights_within_its_own_tolerance(tmp_path, sing
 
 
 @pytest.mark.slow
-def test_dynamic_export_predicts_at_sizes_it_was_not_checked_at(tmp_path, quickstart_checkpoint):
+def test_dynamic_export_predicts_at_sizes_it_was_not_checked_at(tmp_path, single_surface_checkpoint):
+    # undecided propagation choices flip on float32 rounding too (one pixel by 1.5 px seen): single_surface_checkpoint
+    quickstart_checkpoint = single_surface_checkpoint
     output = tmp_path / "any.onnx"
     result = CliRunner().invoke(main, ["export", "--checkpoint", str(quickstart_checkpoint), "--output", str(output),
                                        "--height", "64", "--width", "96", "--iters", "2", "--dynamic"])
